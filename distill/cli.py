@@ -1,0 +1,184 @@
+"""The `mobiledistill` command line. It parses arguments and calls library functions; nothing else lives here.
+
+Bad input (a missing file, a malformed spec, a dimension mismatch) is reported as one line on stderr with exit
+status 2, never a traceback.
+"""
+
+import argparse
+import json
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from distill.errors import UserInputError
+
+__all__ = ["main", "build_parser"]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not argparse's usage block
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _write_json(result: dict, path: str | None) -> None:
+    text = json.dumps(result, indent=2)
+    if path:
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        tmp.write_text(text + "\n")
+        os.replace(tmp, target)
+
+
+# ----------------------------------------------------------------------------------------------------- commands
+
+
+def _cmd_data_emoji(args: argparse.Namespace) -> int:
+    from reinforced_data.emoji import build_emoji_dataset
+
+    if args.image_size < 8:
+        raise UserInputError("--image-size must be at least 8")
+    if args.limit is not None and args.limit <= 0:
+        raise UserInputError("--limit must be positive")
+    try:
+        manifest = build_emoji_dataset(args.out, image_size=args.image_size, limit=args.limit, seed=args.seed)
+    except FileExistsError as e:
+        raise UserInputError(f"{args.out} already exists (delete it to rebuild)") from e
+    splits = ", ".join(f"{name} {count}" for name, count in manifest["splits"].items())
+    print(f"wrote {args.out}: {manifest['num_classes']} classes; {splits}")
+    return 0
+
+
+def _cmd_teachers_list(args: argparse.Namespace) -> int:
+    from teachers import list_architectures
+
+    archs = list_architectures()
+    if args.json:
+        print(json.dumps(archs, indent=2))
+        return 0
+    print("shipped with mobiledistill:")
+    for name in archs["mobiledistill"]:
+        print(f"  {name}")
+    print(f"open_clip architectures ({len(archs['open_clip'])}; add @TAG for pretrained weights):")
+    for name in archs["open_clip"]:
+        print(f"  {name}")
+    return 0
+
+
+def _cmd_teachers_train(args: argparse.Namespace) -> int:
+    from distill.evaluate import evaluate_model
+    from teachers import TeacherTrainConfig, load_model, train_teacher, update_provenance
+
+    config = TeacherTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                                warmup_steps=args.warmup_steps, seed=args.seed, mixed_precision=args.mixed_precision)
+    if args.unlock_text:
+        config.lock_text = False
+    summary = train_teacher(args.arch, args.data, args.out, config, split=args.split,
+                            provenance={"command": " ".join(sys.argv)})
+    print(f"wrote {args.out}: {summary['steps']} steps in {summary['wall_s']} s, final loss {summary['final_loss']:.3f}")
+    if summary["skipped"] or summary["unreadable_shards"]:
+        print(f"skipped {len(summary['skipped'])} bad samples, {len(summary['unreadable_shards'])} unreadable shards")
+    if args.eval_split and Path(args.data, args.eval_split).is_dir():
+        result = evaluate_model(load_model(f"local-dir:{args.out}"), args.data, args.eval_split)
+        update_provenance(args.out, evaluation=result)
+        print(_eval_line(result))
+    return 0
+
+
+def _eval_line(result: dict) -> str:
+    parts = [f"{result['model']} on {result['split']} ({result['num_samples']} samples):"]
+    if "zeroshot" in result:
+        z = result["zeroshot"]
+        parts.append(f"zero-shot top-1 {100 * z['top1']:.1f}% top-5 {100 * z['top5']:.1f}% "
+                     f"({z['num_classes']} classes, chance {100 / z['num_classes']:.1f}%);")
+    r = result["retrieval"]
+    parts.append(f"retrieval R@1 image->text {100 * r['image_to_text']['R@1']:.1f}% "
+                 f"text->image {100 * r['text_to_image']['R@1']:.1f}%")
+    return " ".join(parts)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from distill.evaluate import evaluate_model
+    from teachers import load_model
+
+    result = evaluate_model(load_model(args.model), args.data, args.split, batch_size=args.batch_size)
+    _write_json(result, args.json)
+    print(_eval_line(result))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="mobiledistill", description="Distill big image-text models into small, fast ones.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    data = commands.add_parser("data", help="build datasets").add_subparsers(dest="dataset", required=True,
+                                                                             parser_class=_Parser)
+    emoji = data.add_parser("emoji", help="render the embedded OpenMoji dataset (a dataset root of shards)")
+    emoji.add_argument("--out", required=True, help="dataset root to create")
+    emoji.add_argument("--image-size", type=int, default=64)
+    emoji.add_argument("--limit", type=int, default=None, help="build a small subset of about N emoji (tests)")
+    emoji.add_argument("--seed", type=int, default=0, help="seed of the train/test split")
+    emoji.set_defaults(func=_cmd_data_emoji)
+
+    teachers = commands.add_parser("teachers", help="list or train teachers and captioners").add_subparsers(
+        dest="teachers_command", required=True, parser_class=_Parser)
+    listing = teachers.add_parser("list", help="shipped and open_clip architectures")
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(func=_cmd_teachers_list)
+    train = teachers.add_parser("train", help="train (or fine-tune) a CLIP or CoCa model on image-text shards")
+    train.add_argument("--data", required=True, help="dataset root, directory of .tar shards, or shard pattern")
+    train.add_argument("--arch", required=True,
+                       help="model spec: ARCH trains from scratch; ARCH@TAG, hf-hub: or a model directory fine-tunes")
+    train.add_argument("--out", required=True, help="model directory to write")
+    train.add_argument("--steps", type=int, default=1000)
+    train.add_argument("--batch-size", type=int, default=128)
+    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--warmup-steps", type=int, default=100)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--split", default="train", help="split of a dataset root to train on")
+    train.add_argument("--eval-split", default="test", help="split of a dataset root to evaluate on afterwards")
+    train.add_argument("--unlock-text", action="store_true", help="also train a pretrained Hugging Face text tower")
+    train.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
+    train.set_defaults(func=_cmd_teachers_train)
+
+    ev = commands.add_parser("eval", help="zero-shot classification and retrieval on a dataset root's split")
+    ev.add_argument("--model", required=True, help="model spec")
+    ev.add_argument("--data", required=True, help="dataset root")
+    ev.add_argument("--split", default="test")
+    ev.add_argument("--batch-size", type=int, default=256)
+    ev.add_argument("--json", default=None, help="write the result as JSON to this file")
+    ev.set_defaults(func=_cmd_eval)
+    return parser
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    return f"warning: {message}\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # Libraries log download failures and the like through the root logger; the command reports them itself.
+    logging.basicConfig(level=os.environ.get("MOBILEDISTILL_LOG_LEVEL", "CRITICAL").upper())
+    warnings.formatwarning = _one_line_warning
+    for noisy in ("torch", "timm", "webdataset", "transformers", "huggingface_hub", "accelerate"):
+        warnings.filterwarnings("ignore", module=noisy)
+    try:
+        return args.func(args) or 0
+    except UserInputError as e:
+        print(f"mobiledistill: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mobiledistill: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # output piped into `head` and the like
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,76 @@
+"""Writing model directories in open_clip's local-dir layout.
+
+    open_clip_config.json         {"model_cfg": ..., "preprocess_cfg": ...}
+    open_clip_model.safetensors   the weights
+    mobiledistill.json            provenance (command, recipe, teachers, data, steps, seed) and the last evaluation
+    tokenizer files               for Hugging Face text towers (open_clip's local-dir loader reads them there)
+
+`open_clip.create_model_and_transforms("local-dir:PATH")` loads it with no mobiledistill code. The directory is
+built under a temporary name and renamed when complete, so a crash never leaves something that looks finished.
+"""
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+from safetensors.torch import save_file
+
+__all__ = ["save_model_dir", "read_provenance", "update_provenance", "PROVENANCE_NAME", "WEIGHTS_NAME"]
+
+CONFIG_NAME = "open_clip_config.json"
+WEIGHTS_NAME = "open_clip_model.safetensors"
+PROVENANCE_NAME = "mobiledistill.json"
+
+
+def save_model_dir(
+    model: torch.nn.Module,
+    model_cfg: dict[str, Any],
+    out_dir: str | Path,
+    tokenizer: Any = None,
+    provenance: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write `model` as an open_clip local-dir model directory at `out_dir` (atomically)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} already exists")
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        preprocess_cfg = dict(open_clip.get_model_preprocess_cfg(model))
+        config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+        # safetensors refuses shared storage: clone so tied tensors are saved as plain copies.
+        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        os.chmod(tmp / WEIGHTS_NAME, 0o644)
+        if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+            tokenizer.save_pretrained(str(tmp))
+        (tmp / PROVENANCE_NAME).write_text(json.dumps(provenance or {}, indent=2, default=str))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def read_provenance(model_dir: str | Path) -> dict[str, Any]:
+    path = Path(model_dir) / PROVENANCE_NAME
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def update_provenance(model_dir: str | Path, **entries: Any) -> None:
+    """Merge `entries` into `mobiledistill.json` (e.g. the last evaluation), replacing the file atomically."""
+    path = Path(model_dir) / PROVENANCE_NAME
+    data = read_provenance(model_dir)
+    data.update(entries)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)

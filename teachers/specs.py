@@ -1,0 +1,210 @@
+"""Model specs: one string names every model a command takes (`--model`, `--teacher`, `--captioner`, ...).
+
+    local-dir:PATH or an existing PATH    an open_clip model directory (what mobiledistill writes)
+    hf-hub:ORG/REPO                       open_clip's Hugging Face loader (needs a network)
+    ARCH@TAG                              an open_clip architecture with a pretrained tag (needs a network)
+    ARCH                                  the architecture with random weights (a warning says so)
+
+`load_model` returns the model together with its own preprocessing and tokenizer (open_clip
+`create_model_and_transforms` + `get_tokenizer`), so no model ever gets another model's mean, std or vocabulary.
+"""
+
+import copy
+import json
+import logging
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import open_clip
+import torch
+
+from distill.errors import UserInputError
+from teachers._hf_offline import seed_hf_cache, use_offline_mode_if_unreachable
+
+__all__ = ["ModelSpec", "LoadedModel", "parse_model_spec", "load_model", "model_config_of"]
+
+_ARCH_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/]*$")
+_HUB_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]*/[A-Za-z0-9][A-Za-z0-9._\-]*$")
+CONFIG_NAME = "open_clip_config.json"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A parsed model spec. `kind` is one of "local-dir", "hf-hub", "pretrained", "arch"."""
+
+    kind: str
+    name: str  # the directory, the hub id, or the architecture
+    tag: str | None = None  # the pretrained tag of "pretrained" specs
+
+    def __str__(self) -> str:
+        if self.kind in ("local-dir", "hf-hub"):
+            return f"{self.kind}:{self.name}"
+        return f"{self.name}@{self.tag}" if self.tag else self.name
+
+    @property
+    def open_clip_name(self) -> str:
+        """The `model_name` argument open_clip's factory takes for this spec."""
+        return f"{self.kind}:{self.name}" if self.kind in ("local-dir", "hf-hub") else self.name
+
+
+def parse_model_spec(spec: str) -> ModelSpec:
+    """Parse a model spec string; raise `UserInputError` with the reason when it is malformed."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise UserInputError("empty model spec")
+    if spec != spec.strip() or any(c.isspace() for c in spec):
+        raise UserInputError(f"malformed model spec {spec!r}: contains whitespace")
+    if spec.startswith("local-dir:"):
+        path = spec[len("local-dir:"):]
+        if not path:
+            raise UserInputError(f"malformed model spec {spec!r}: no directory after 'local-dir:'")
+        return ModelSpec("local-dir", str(Path(path).expanduser()))
+    if spec.startswith("hf-hub:"):
+        hub_id = spec[len("hf-hub:"):]
+        if not _HUB_RE.match(hub_id):
+            raise UserInputError(f"malformed model spec {spec!r}: expected hf-hub:ORG/REPO")
+        return ModelSpec("hf-hub", hub_id)
+    if Path(spec).expanduser().is_dir():
+        return ModelSpec("local-dir", str(Path(spec).expanduser()))
+    if "@" in spec:
+        arch, _, tag = spec.partition("@")
+        if not arch or not tag or "@" in tag or not _ARCH_RE.match(arch):
+            raise UserInputError(f"malformed model spec {spec!r}: expected ARCH@TAG")
+        return ModelSpec("pretrained", arch, tag)
+    if spec.startswith((".", "/", "~")) or spec.endswith("/"):
+        raise UserInputError(f"model directory not found: {spec}")
+    if not _ARCH_RE.match(spec):
+        raise UserInputError(f"malformed model spec {spec!r}")
+    return ModelSpec("arch", spec)
+
+
+@dataclass
+class LoadedModel:
+    """An open_clip model with what it needs around it."""
+
+    model: torch.nn.Module
+    preprocess: Callable  # eval transform: PIL image -> normalized tensor at the model's resolution
+    preprocess_train: Callable
+    tokenizer: Callable  # list[str] -> LongTensor (B, context_length)
+    spec: ModelSpec
+    model_cfg: dict[str, Any]  # the open_clip model config (what a model directory stores as `model_cfg`)
+
+    @property
+    def preprocess_cfg(self) -> dict[str, Any]:
+        return dict(open_clip.get_model_preprocess_cfg(self.model))
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.model_cfg["embed_dim"])
+
+    @property
+    def logit_scale(self) -> float:
+        """The learned temperature, exponentiated (the scale open_clip's forward returns)."""
+        return float(self.model.logit_scale.detach().exp().item())
+
+    @property
+    def is_coca(self) -> bool:
+        return isinstance(self.model, open_clip.CoCa)
+
+
+def model_config_of(spec: ModelSpec) -> dict[str, Any]:
+    """The open_clip model config a spec refers to, without building the model."""
+    if spec.kind == "local-dir":
+        return copy.deepcopy(_read_local_dir_config(Path(spec.name))["model_cfg"])
+    if spec.kind == "hf-hub":
+        _require_network(spec)
+        from open_clip.factory import _get_hf_config
+
+        return _get_hf_config(spec.name)["model_cfg"]
+    cfg = open_clip.get_model_config(spec.name)
+    if cfg is None:
+        raise UserInputError(f"unknown architecture {spec.name!r} (`mobiledistill teachers list` shows the known ones)")
+    return cfg
+
+
+def load_model(
+    spec: str | ModelSpec,
+    device: str | torch.device = "cpu",
+    precision: str = "fp32",
+    aug_cfg: dict[str, Any] | None = None,
+    warn_random: bool = True,
+) -> LoadedModel:
+    """Build the model a spec names, with its transforms and tokenizer, or raise `UserInputError`.
+
+    A bare architecture gets random weights and a warning, unless `warn_random` is off (training from scratch).
+    """
+    import teachers.registry  # noqa: F401  (the shipped configs must be registered before open_clip looks them up)
+
+    spec = parse_model_spec(spec) if isinstance(spec, str) else spec
+    model_cfg = model_config_of(spec)
+    if spec.kind == "local-dir":
+        directory = Path(spec.name)
+        if not _weights_in(directory):
+            raise UserInputError(f"model directory {directory} has no weights (expected open_clip_model.safetensors)")
+    elif spec.kind == "pretrained":
+        tags = open_clip.list_pretrained_tags_by_model(spec.name)
+        if spec.tag not in tags:
+            known = ", ".join(tags) if tags else "none"
+            raise UserInputError(f"unknown pretrained tag {spec.tag!r} for {spec.name} (known tags: {known})")
+    elif spec.kind == "arch" and warn_random:
+        warnings.warn(f"{spec.name}: random weights (give ARCH@TAG or a model directory for trained ones)", stacklevel=2)
+
+    hf_text = model_cfg.get("text_cfg", {}).get("hf_model_name")
+    if hf_text:
+        seed_hf_cache(hf_text)
+    offline = use_offline_mode_if_unreachable()
+    try:
+        model, preprocess_train, preprocess = open_clip.create_model_and_transforms(
+            spec.open_clip_name,
+            pretrained=spec.tag,
+            device=device,
+            precision=precision,
+            aug_cfg=aug_cfg,
+            weights_only=True,
+        )
+        tokenizer = open_clip.get_tokenizer(spec.open_clip_name)
+    except (OSError, RuntimeError) as e:
+        if offline and spec.kind in ("pretrained", "hf-hub") or (offline and hf_text):
+            raise UserInputError(
+                f"cannot load {spec}: its files are not in the local cache and no network is reachable"
+            ) from e
+        raise UserInputError(f"cannot load {spec}: {_first_line(e)}") from e
+    return LoadedModel(model, preprocess, preprocess_train, tokenizer, spec, model_cfg)
+
+
+def _require_network(spec: ModelSpec) -> None:
+    if use_offline_mode_if_unreachable():
+        from huggingface_hub import try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache(spec.name, CONFIG_NAME), str):
+            return
+        raise UserInputError(f"cannot load {spec}: no network is reachable to download it from the Hugging Face hub")
+
+
+def _read_local_dir_config(directory: Path) -> dict[str, Any]:
+    if not directory.is_dir():
+        raise UserInputError(f"model directory not found: {directory}")
+    config_path = directory / CONFIG_NAME
+    if not config_path.is_file():
+        raise UserInputError(f"{directory} is not a model directory: {CONFIG_NAME} is missing")
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserInputError(f"{config_path} is not valid JSON: {_first_line(e)}") from e
+    if not isinstance(config, dict) or not isinstance(config.get("model_cfg"), dict):
+        raise UserInputError(f"{config_path} has no 'model_cfg'")
+    return config
+
+
+def _weights_in(directory: Path) -> bool:
+    return any(any(directory.glob(pattern)) for pattern in ("*.safetensors", "*.bin", "*.pth"))
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0]
+
+
+logging.getLogger("open_clip").setLevel(logging.WARNING)

@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny image-text shards drawn on the fly, and the small emoji subset."""
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+import webdataset as wds
+from PIL import Image, ImageDraw
+
+COLORS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 60, 220), "orange": (250, 150, 20)}
+SHAPES = ("circle", "square", "triangle")
+
+
+def draw_shape(color: str, shape: str, size: int = 32, offset: int = 0) -> Image.Image:
+    image = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(image)
+    lo, hi = 4 + offset % 5, size - 4 - offset % 3
+    if shape == "circle":
+        draw.ellipse([lo, lo, hi, hi], fill=COLORS[color])
+    elif shape == "square":
+        draw.rectangle([lo, lo, hi, hi], fill=COLORS[color])
+    else:
+        draw.polygon([(size // 2, lo), (lo, hi), (hi, hi)], fill=COLORS[color])
+    return image
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_shapes_root(root: Path, per_pair: int = 3, size: int = 32, bad: bool = False) -> Path:
+    """A dataset root of colored shapes: classes are shapes, captions name color and shape."""
+    classes = list(SHAPES)
+    for split, reps in (("train", per_pair), ("test", 1)):
+        (root / split).mkdir(parents=True)
+        with wds.TarWriter(str(root / split / "0.tar")) as sink:
+            for color in COLORS:
+                for label, shape in enumerate(classes):
+                    for r in range(reps):
+                        key = f"{split}-{color}-{shape}-{r}"
+                        sink.write({"__key__": key, "png": png_bytes(draw_shape(color, shape, size, r)),
+                                    "txt": f"a {color} {shape}.", "cls": str(label),
+                                    "json": json.dumps({"color": color})})
+            if bad and split == "train":
+                sink.write({"__key__": "bad-image", "png": b"not a png", "txt": "a broken image."})
+                sink.write({"__key__": "no-caption", "png": png_bytes(draw_shape("red", "circle", size))})
+                sink.write({"__key__": "empty-caption", "png": png_bytes(draw_shape("red", "circle", size)),
+                            "txt": "  "})
+                sink.write({"__key__": "no-image", "txt": "a caption without an image."})
+        (root / split / "nshards.txt").write_text("1\n")
+    (root / "classnames.txt").write_text("\n".join(classes) + "\n")
+    (root / "zeroshot_classification_templates.txt").write_text("a {c}.\na picture of a {c}.\n")
+    return root
+
+
+@pytest.fixture
+def shapes_root(tmp_path) -> Path:
+    return write_shapes_root(tmp_path / "shapes", bad=True)

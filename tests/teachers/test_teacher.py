@@ -1,0 +1,67 @@
+import pytest
+import torch
+
+from teachers import Captioner, Teacher, TeacherEnsemble, load_model
+from tests.conftest import draw_shape
+
+
+@pytest.fixture(scope="module")
+def ensemble() -> TeacherEnsemble:
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning):
+        small = Teacher(load_model("md-teacher-s"))
+    with pytest.warns(UserWarning):
+        other = Teacher(load_model("md-student-tiny"))
+    return TeacherEnsemble([small, other])
+
+
+def test_ensemble_shapes_and_normalization(ensemble):
+    images = [draw_shape("red", "circle", 48), draw_shape("blue", "square", 80)]
+    image_emb = ensemble.encode_images(images)
+    text_emb = ensemble.encode_texts(["a red circle.", "a blue square.", "a green triangle."])
+    assert ensemble.dims == [128, 128]
+    assert image_emb.shape == (2, 256) and text_emb.shape == (3, 256)
+    for part in ensemble.split(image_emb) + ensemble.split(text_emb):
+        assert torch.allclose(part.norm(dim=-1), torch.ones(len(part)), atol=1e-5)
+
+
+def test_tensor_path_matches_each_teachers_own_size(ensemble):
+    images = torch.rand(2, 3, 96, 96)  # any size: each teacher resizes to its own
+    assert ensemble.encode_image_tensors(images).shape == (2, 256)
+
+
+def test_teachers_are_frozen_and_stay_in_eval_mode(ensemble):
+    ensemble.train()
+    for teacher in ensemble.teachers:
+        assert not teacher.training and not teacher.model.training
+        assert all(not p.requires_grad for p in teacher.parameters())
+    assert ensemble.state_dict() == {}
+    out = ensemble.encode_texts(["a red circle."])
+    assert not out.requires_grad
+
+
+def test_each_teacher_keeps_its_own_preprocessing(ensemble):
+    a, b = ensemble.teachers
+    assert a.preprocess is not b.preprocess
+    assert a.logit_scale == pytest.approx(1 / 0.07, rel=1e-4)  # open_clip's initial temperature
+
+
+def test_captioner_is_seeded_per_sample_whatever_the_batch():
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning):
+        captioner = Captioner(load_model("md-coca-tiny"))
+    images = [draw_shape(c, "circle", 64) for c in ("red", "green", "blue")]
+    together = captioner.generate(images, num_captions=2, seeds=[10, 11, 12], max_len=8)
+    alone = captioner.generate(images[1:2], num_captions=2, seeds=[11], max_len=8)
+    assert len(together) == 3 and all(len(c) == 2 for c in together)
+    assert together[1] == alone[0]
+    assert together[0] != together[2] or together[0][0] != together[0][1]
+    again = captioner.generate(images, num_captions=2, seeds=[10, 11, 12], max_len=8)
+    assert again == together
+
+
+def test_captioner_rejects_clip_models():
+    from distill.errors import UserInputError
+
+    with pytest.warns(UserWarning), pytest.raises(UserInputError, match="not a captioner"):
+        Captioner(load_model("md-teacher-s"))
