@@ -80,7 +80,7 @@ def _cmd_teachers_train(args: argparse.Namespace) -> int:
     print(f"wrote {args.out}: {summary['steps']} steps in {summary['wall_s']} s, final loss {summary['final_loss']:.3f}")
     if summary["skipped"] or summary["unreadable_shards"]:
         print(f"skipped {len(summary['skipped'])} bad samples, {len(summary['unreadable_shards'])} unreadable shards")
-    if args.eval_split and Path(args.data, args.eval_split).is_dir():
+    if args.eval_split != "none" and Path(args.data, args.eval_split).is_dir():
         result = evaluate_model(load_model(f"local-dir:{args.out}"), args.data, args.eval_split)
         update_provenance(args.out, evaluation=result)
         print(_eval_line(result))
@@ -141,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--warmup-steps", type=int, default=100)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--split", default="train", help="split of a dataset root to train on")
-    train.add_argument("--eval-split", default="test", help="split of a dataset root to evaluate on afterwards")
+    train.add_argument("--eval-split", default="test",
+                       help="split of a dataset root to evaluate on afterwards ('none' skips it)")
     train.add_argument("--unlock-text", action="store_true", help="also train a pretrained Hugging Face text tower")
     train.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
     train.set_defaults(func=_cmd_teachers_train)

@@ -1,37 +1,39 @@
 """Teachers and captioners: load any model spec, ensemble teachers, generate captions, train or fine-tune them.
 
 Importing this package registers mobiledistill's shipped architectures (`md-teacher-s`, `md-teacher-m`,
-`md-coca-tiny`, `md-student-tiny`, ...) with open_clip.
+`md-coca-tiny`, `md-student-tiny`, ...) with open_clip. The other public names load on first use, so that
+importing the package stays cheap and free of import cycles with `reinforced_data` and `distill`.
 """
+
+import importlib
 
 from teachers.registry import SHIPPED_ARCHITECTURES, list_architectures, register_model_configs
 
 register_model_configs()
 
-from teachers.captioner import Captioner, load_captioner  # noqa: E402
-from teachers.model_dir import read_provenance, save_model_dir, update_provenance  # noqa: E402
-from teachers.specs import LoadedModel, ModelSpec, load_model, model_config_of, parse_model_spec  # noqa: E402
-from teachers.teacher import Teacher, TeacherEnsemble, load_ensemble, load_teacher  # noqa: E402
-from teachers.train import TeacherTrainConfig, train_teacher  # noqa: E402
+_LAZY = {
+    "Captioner": "teachers.captioner",
+    "load_captioner": "teachers.captioner",
+    "read_provenance": "teachers.model_dir",
+    "save_model_dir": "teachers.model_dir",
+    "update_provenance": "teachers.model_dir",
+    "LoadedModel": "teachers.specs",
+    "ModelSpec": "teachers.specs",
+    "load_model": "teachers.specs",
+    "model_config_of": "teachers.specs",
+    "parse_model_spec": "teachers.specs",
+    "Teacher": "teachers.teacher",
+    "TeacherEnsemble": "teachers.teacher",
+    "load_ensemble": "teachers.teacher",
+    "load_teacher": "teachers.teacher",
+    "TeacherTrainConfig": "teachers.train",
+    "train_teacher": "teachers.train",
+}
 
-__all__ = [
-    "SHIPPED_ARCHITECTURES",
-    "Captioner",
-    "LoadedModel",
-    "ModelSpec",
-    "Teacher",
-    "TeacherEnsemble",
-    "TeacherTrainConfig",
-    "list_architectures",
-    "load_captioner",
-    "load_ensemble",
-    "load_model",
-    "load_teacher",
-    "model_config_of",
-    "parse_model_spec",
-    "read_provenance",
-    "register_model_configs",
-    "save_model_dir",
-    "train_teacher",
-    "update_provenance",
-]
+__all__ = ["SHIPPED_ARCHITECTURES", "list_architectures", "register_model_configs", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'teachers' has no attribute {name!r}")
