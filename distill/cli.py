@@ -77,9 +77,10 @@ def _cmd_teachers_train(args: argparse.Namespace) -> int:
         config.lock_text = False
     summary = train_teacher(args.arch, args.data, args.out, config, split=args.split,
                             provenance={"command": " ".join(sys.argv)})
-    print(f"wrote {args.out}: {summary['steps']} steps in {summary['wall_s']} s, final loss {summary['final_loss']:.3f}")
+    print(f"wrote {args.out}: {summary['steps']} steps in {summary['wall_s']} s, "
+          f"final loss {summary['final_loss']:.3f}")
     if summary["skipped"] or summary["unreadable_shards"]:
-        print(f"skipped {len(summary['skipped'])} bad samples, {len(summary['unreadable_shards'])} unreadable shards")
+        print(summary["skip_summary"])
     if args.eval_split != "none" and Path(args.data, args.eval_split).is_dir():
         result = evaluate_model(load_model(f"local-dir:{args.out}"), args.data, args.eval_split)
         update_provenance(args.out, evaluation=result)

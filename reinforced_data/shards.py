@@ -12,6 +12,7 @@ import io
 import json
 import re
 import tarfile
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,16 +63,16 @@ class SkipLog:
         self.shards.append({"shard": url, "reason": reason})
 
     def summary(self) -> str:
+        """One line: how many samples were skipped, by reason, and which shards could not be read."""
+        reasons = Counter(s["reason"].split(":")[0] for s in self.samples)
         parts = []
         if self.samples:
-            reasons: dict[str, int] = {}
-            for s in self.samples:
-                reasons[s["reason"].split(":")[0]] = reasons.get(s["reason"].split(":")[0], 0) + 1
-            parts.append(f"skipped {len(self.samples)} bad samples (" + ", ".join(f"{n} {r}" for r, n in
-                                                                             sorted(reasons.items())) + ")")
+            by_reason = ", ".join(f"{n} {reason}" for reason, n in sorted(reasons.items()))
+            parts.append(f"skipped {len(self.samples)} bad samples ({by_reason})")
         if self.shards:
             parts.append(f"{len(self.shards)} unreadable shards: " + ", ".join(s["shard"] for s in self.shards))
-        return "; ".join(parts)
+        return "; ".join(parts) or "nothing skipped"
+
 
 
 def _natural_key(path: str) -> list:
@@ -124,8 +125,7 @@ def iter_raw_samples(urls: Iterable[str], skips: SkipLog | None = None) -> Itera
         try:
             with open(url, "rb") as stream:
                 members = tar_file_iterator(stream)
-                for sample in group_by_keys(_with_url(members, url)):
-                    yield sample
+                yield from group_by_keys(_with_url(members, url))
         except (OSError, tarfile.TarError, ValueError) as e:
             skips.skip_shard(url, f"unreadable: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
 

@@ -22,7 +22,7 @@ def register_model_configs() -> None:
         cfg = json.loads(path.read_text())
         existing = _MODEL_CONFIGS.get(path.stem)
         if existing is not None and existing != cfg:
-            raise RuntimeError(f"architecture name {path.stem!r} is already registered in open_clip with another config")
+            raise RuntimeError(f"architecture {path.stem!r} is already registered in open_clip with another config")
     open_clip.add_model_config(CONFIG_DIR)
 
 

@@ -14,9 +14,10 @@ import json
 import logging
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import open_clip
 import torch
@@ -149,7 +150,8 @@ def load_model(
             known = ", ".join(tags) if tags else "none"
             raise UserInputError(f"unknown pretrained tag {spec.tag!r} for {spec.name} (known tags: {known})")
     elif spec.kind == "arch" and warn_random:
-        warnings.warn(f"{spec.name}: random weights (give ARCH@TAG or a model directory for trained ones)", stacklevel=2)
+        warnings.warn(f"{spec.name}: random weights (give ARCH@TAG or a model directory for trained ones)",
+                      stacklevel=2)
 
     hf_text = model_cfg.get("text_cfg", {}).get("hf_model_name")
     if hf_text:

@@ -246,6 +246,7 @@ def train_teacher(
         "final_loss": history[-1]["loss"],
         "skipped": stream.skips.samples,
         "unreadable_shards": stream.skips.shards,
+        "skip_summary": stream.skips.summary(),
     }
     if accelerator.is_main_process:
         record = dict(provenance or {})

@@ -2,13 +2,12 @@
 
 import pytest
 import torch
+from clip_benchmark.datasets import builder as cb_builder
+from clip_benchmark.metrics import zeroshot_classification, zeroshot_retrieval
 
 from distill.evaluate import evaluate_model
 from teachers import TeacherTrainConfig, load_model, train_teacher
 from tests.conftest import write_shapes_root
-
-from clip_benchmark.datasets import builder as cb_builder
-from clip_benchmark.metrics import zeroshot_classification, zeroshot_retrieval
 
 
 @pytest.fixture(scope="module")
