@@ -76,7 +76,7 @@ def test_emoji_subset_train_reload_with_plain_open_clip_and_eval(tmp_path, fresh
         (["teachers", "train", "--data", "SHAPES", "--arch", "md-teacher-s", "--out", "x", "--steps", "0"],
          "must be positive"),
         (["teachers", "train", "--data", "SHAPES", "--arch", "nope", "--out", "x"], "unknown architecture"),
-        (["eval", "--bogus-flag"], "unrecognized arguments"),
+        (["teachers", "list", "--bogus-flag"], "unrecognized arguments"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, fresh_env, args, message):
