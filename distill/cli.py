@@ -110,6 +110,48 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_reinforce(args: argparse.Namespace) -> int:
+    from reinforced_data.augment import AugmentationConfig
+    from reinforced_data.writer import ReinforceConfig, reinforce
+
+    if args.aug_size is not None and args.aug_size < 8:
+        raise UserInputError("--aug-size must be at least 8")
+    augmentation = AugmentationConfig(size=args.aug_size or _reference_size(args.teacher),
+                                      scale=(args.crop_scale_min, 1.0), rand_augment=not args.no_rand_augment)
+    config = ReinforceConfig(num_augs=args.num_augs, num_captions=args.num_captions, dtype=args.dtype, seed=args.seed,
+                             batch_size=args.batch_size, store_images=not args.embeddings_only,
+                             augmentation=augmentation)
+    result = reinforce(args.data, args.teacher, args.out, config, captioners=args.captioner or [], split=args.split)
+    if result:  # only the main process writes the summary
+        counts = result["counts"]
+        print(f"wrote {args.out}: {counts['samples']} samples, {counts['skipped']} skipped, "
+              f"{counts['bytes_per_sample'] / 1024:.1f} KiB per sample ({result['dtype']}, K={result['num_augs']}, "
+              f"C={result['num_captions']}, {len(result['teachers'])} teachers)")
+    return 0
+
+
+def _reference_size(teacher_specs: list[str]) -> int:
+    """Augment at the largest teacher input size, so no teacher sees an upsampled view."""
+    from teachers import model_config_of, parse_model_spec
+
+    sizes = []
+    for spec in teacher_specs:
+        size = model_config_of(parse_model_spec(spec)).get("vision_cfg", {}).get("image_size", 224)
+        sizes.append(max(size) if isinstance(size, (list, tuple)) else int(size))
+    return max(sizes)
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from reinforced_data.inspection import inspect_reinforced, write_inspection_html
+
+    summary = inspect_reinforced(args.path, images=args.images)
+    print(json.dumps(summary, indent=2))
+    if args.html:
+        write_inspection_html(args.path, args.html, images=args.images, num_samples=args.num_samples)
+        print(f"wrote {args.html}", file=sys.stderr)
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------------- parser
 
 
@@ -155,6 +197,32 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=256)
     ev.add_argument("--json", default=None, help="write the result as JSON to this file")
     ev.set_defaults(func=_cmd_eval)
+
+    rf = commands.add_parser("reinforce", help="write a reinforced dataset: teacher embeddings of stored augmentations "
+                                              "and synthetic captions")
+    rf.add_argument("--data", required=True, help="image-text shards: dataset root, directory or shard pattern")
+    rf.add_argument("--split", default="train", help="split of a dataset root")
+    rf.add_argument("--teacher", action="append", required=True, help="teacher model spec (repeat for an ensemble)")
+    rf.add_argument("--captioner", action="append", default=None, help="CoCa model spec (repeatable)")
+    rf.add_argument("--num-augs", type=int, default=10, help="augmentations stored per image (K)")
+    rf.add_argument("--num-captions", type=int, default=5, help="synthetic captions per image (C)")
+    rf.add_argument("--out", required=True, help="reinforced dataset directory")
+    rf.add_argument("--dtype", default="fp16", choices=["fp32", "fp16", "bf16", "int8"])
+    rf.add_argument("--seed", type=int, default=0)
+    rf.add_argument("--batch-size", type=int, default=256, help="augmented views per teacher forward pass")
+    rf.add_argument("--aug-size", type=int, default=None,
+                    help="reference size of augmented views (default: the largest teacher input size)")
+    rf.add_argument("--crop-scale-min", type=float, default=0.08, help="RandomResizedCrop's smallest area fraction")
+    rf.add_argument("--no-rand-augment", action="store_true", help="crops only")
+    rf.add_argument("--embeddings-only", action="store_true", help="do not copy images (join them by key later)")
+    rf.set_defaults(func=_cmd_reinforce)
+
+    ins = commands.add_parser("inspect", help="summarize a reinforced dataset (ours or Apple's DataCompDR)")
+    ins.add_argument("path", help="reinforced dataset directory or shard pattern")
+    ins.add_argument("--images", default=None, help="image-text shards to join by key (for embeddings-only data)")
+    ins.add_argument("--html", default=None, help="also write a self-contained HTML page of replayed samples")
+    ins.add_argument("--num-samples", type=int, default=12, help="samples shown in the HTML page")
+    ins.set_defaults(func=_cmd_inspect)
     return parser
 
 

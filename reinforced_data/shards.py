@@ -31,6 +31,7 @@ __all__ = [
     "resolve_shards",
     "iter_raw_samples",
     "decode_sample",
+    "is_safe_key",
     "iter_image_text",
     "read_lines",
 ]
@@ -136,9 +137,18 @@ def _with_url(members: Iterator[dict[str, Any]], url: str) -> Iterator[dict[str,
         yield member
 
 
+def is_safe_key(key: str) -> bool:
+    """A sample key that, written as a tar member name, stays inside the directory it is extracted to."""
+    parts = key.replace("\\", "/").split("/")
+    return bool(key) and "\x00" not in key and not key.startswith(("/", "~")) and ".." not in parts and \
+        ":" not in parts[0]
+
+
 def decode_sample(raw: dict[str, Any]) -> ImageTextSample:
     """Decode one raw sample; raise ValueError with the reason when it is unusable."""
     key = raw.get("__key__", "?")
+    if not is_safe_key(key):
+        raise ValueError("unsafe key: a member name that would escape its directory")
     ext = next((e for e in IMAGE_EXTENSIONS if e in raw), None)
     if ext is None:
         raise ValueError("no image")

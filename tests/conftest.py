@@ -31,26 +31,36 @@ def png_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def write_shapes_root(root: Path, per_pair: int = 3, size: int = 32, bad: bool = False) -> Path:
-    """A dataset root of colored shapes: classes are shapes, captions name color and shape."""
+def write_shapes_root(root: Path, per_pair: int = 3, size: int = 32, bad: bool = False, train_shards: int = 1
+                      ) -> Path:
+    """A dataset root of colored shapes: classes are shapes, captions name color and shape.
+
+    `bad` adds four unusable samples to the first training shard (undecodable image, no caption, empty caption, no
+    image); training samples are dealt round-robin over `train_shards` shards.
+    """
     classes = list(SHAPES)
-    for split, reps in (("train", per_pair), ("test", 1)):
+    for split, reps, num_shards in (("train", per_pair, train_shards), ("test", 1, 1)):
         (root / split).mkdir(parents=True)
-        with wds.TarWriter(str(root / split / "0.tar")) as sink:
-            for color in COLORS:
-                for label, shape in enumerate(classes):
-                    for r in range(reps):
-                        key = f"{split}-{color}-{shape}-{r}"
-                        sink.write({"__key__": key, "png": png_bytes(draw_shape(color, shape, size, r)),
-                                    "txt": f"a {color} {shape}.", "cls": str(label),
-                                    "json": json.dumps({"color": color})})
-            if bad and split == "train":
-                sink.write({"__key__": "bad-image", "png": b"not a png", "txt": "a broken image."})
-                sink.write({"__key__": "no-caption", "png": png_bytes(draw_shape("red", "circle", size))})
-                sink.write({"__key__": "empty-caption", "png": png_bytes(draw_shape("red", "circle", size)),
-                            "txt": "  "})
-                sink.write({"__key__": "no-image", "txt": "a caption without an image."})
-        (root / split / "nshards.txt").write_text("1\n")
+        sinks = [wds.TarWriter(str(root / split / f"{i}.tar")) for i in range(num_shards)]
+        n = 0
+        for color in COLORS:
+            for label, shape in enumerate(classes):
+                for r in range(reps):
+                    key = f"{split}-{color}-{shape}-{r}"
+                    sinks[n % num_shards].write({"__key__": key, "png": png_bytes(draw_shape(color, shape, size, r)),
+                                                 "txt": f"a {color} {shape}.", "cls": str(label),
+                                                 "json": json.dumps({"color": color})})
+                    n += 1
+        if bad and split == "train":
+            sink = sinks[0]
+            sink.write({"__key__": "bad-image", "png": b"not a png", "txt": "a broken image."})
+            sink.write({"__key__": "no-caption", "png": png_bytes(draw_shape("red", "circle", size))})
+            sink.write({"__key__": "empty-caption", "png": png_bytes(draw_shape("red", "circle", size)),
+                        "txt": "  "})
+            sink.write({"__key__": "no-image", "txt": "a caption without an image."})
+        for sink in sinks:
+            sink.close()
+        (root / split / "nshards.txt").write_text(f"{num_shards}\n")
     (root / "classnames.txt").write_text("\n".join(classes) + "\n")
     (root / "zeroshot_classification_templates.txt").write_text("a {c}.\na picture of a {c}.\n")
     return root
@@ -59,3 +69,20 @@ def write_shapes_root(root: Path, per_pair: int = 3, size: int = 32, bad: bool =
 @pytest.fixture
 def shapes_root(tmp_path) -> Path:
     return write_shapes_root(tmp_path / "shapes", bad=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
+    """Saved random-weight models (two teachers with their own preprocessing, and a captioner), so every process
+    of a test loads the very same weights."""
+    import torch
+
+    from teachers import load_model, save_model_dir
+
+    root = tmp_path_factory.mktemp("models")
+    dirs = {}
+    for name, arch in (("teacher_a", "md-teacher-s"), ("teacher_b", "md-student-tiny"), ("captioner", "md-coca-tiny")):
+        torch.manual_seed(len(dirs))
+        loaded = load_model(arch, warn_random=False)
+        dirs[name] = save_model_dir(loaded.model, loaded.model_cfg, root / name, tokenizer=loaded.tokenizer)
+    return dirs

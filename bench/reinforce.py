@@ -1,0 +1,101 @@
+"""Reinforcement throughput and storage, measured in one run on one machine.
+
+    python bench/reinforce.py --out runs/bench-reinforce [--limit 600 --num-augs 10 --num-captions 5]
+
+1. Throughput: a whole `reinforce` run without captioner (decode, augment, encode with every teacher, write) against
+   the same teachers' bare forward passes over the same number of views and captions as ready tensors at the same
+   batch size. Goal: at most 1.15x. Then the same run with a captioner, whose share of the time is reported apart.
+2. Storage: bytes per sample for fp32, fp16, bf16 and int8 at K views and C captions with two teachers, with and
+   without the images.
+Teachers are md-teacher-s and md-teacher-m with random weights (the cost of a forward pass does not depend on them).
+"""
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from reinforced_data.augment import AugmentationConfig
+from reinforced_data.emoji import build_emoji_dataset
+from reinforced_data.writer import ReinforceConfig, reinforce
+from teachers import load_ensemble, load_model, save_model_dir
+
+
+def _save_random(arch: str, out: Path) -> str:
+    torch.manual_seed(0)
+    loaded = load_model(arch, warn_random=False)
+    save_model_dir(loaded.model, loaded.model_cfg, out, tokenizer=loaded.tokenizer)
+    return str(out)
+
+
+def _bare_forward_seconds(teacher_specs: list[str], num_samples: int, num_augs: int, num_texts: int,
+                          batch_size: int, size: int) -> float:
+    """Teachers' forward passes alone over ready tensors: the floor a reinforce run is compared with."""
+    ensemble = load_ensemble(teacher_specs)
+    samples_per_batch = max(1, batch_size // num_augs)
+    images = torch.rand(samples_per_batch * num_augs, 3, size, size)
+    texts = ["an emoji of a grinning face with big eyes."] * (samples_per_batch * num_texts)
+    start = time.perf_counter()
+    for first in range(0, num_samples, samples_per_batch):
+        n = min(samples_per_batch, num_samples - first)
+        ensemble.encode_image_tensors(images[: n * num_augs])
+        ensemble.encode_texts(texts[: n * num_texts])
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="runs/bench-reinforce")
+    parser.add_argument("--limit", type=int, default=600, help="emoji in the input (a subset of the full set)")
+    parser.add_argument("--num-augs", type=int, default=10)
+    parser.add_argument("--num-captions", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=256)
+    args = parser.parse_args()
+    out = Path(args.out)
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    build_emoji_dataset(out / "emoji", limit=args.limit, progress=False)
+    teachers = [_save_random("md-teacher-s", out / "teacher-s"), _save_random("md-teacher-m", out / "teacher-m")]
+    captioner = _save_random("md-coca-tiny", out / "captioner")
+    augmentation = AugmentationConfig(size=64, scale=(0.35, 1.0))
+
+    def run(name: str, **overrides) -> tuple[dict, float]:
+        config = ReinforceConfig(**{"num_augs": args.num_augs, "num_captions": 0, "dtype": "fp16",
+                                    "batch_size": args.batch_size, "augmentation": augmentation, **overrides})
+        captioners = [captioner] if config.num_captions else []
+        start = time.perf_counter()
+        result = reinforce(str(out / "emoji"), teachers, out / name, config, captioners=captioners, progress=False)
+        return result, time.perf_counter() - start
+
+    plain, plain_s = run("plain")
+    n = plain["counts"]["samples"]
+    bare_s = _bare_forward_seconds(teachers, n, args.num_augs, 1, args.batch_size, 64)
+    captioned, captioned_s = run("captioned", num_captions=args.num_captions)
+
+    print(f"\n{n} samples, K={args.num_augs}, teachers md-teacher-s + md-teacher-m, batch {args.batch_size} views\n")
+    print("| run | wall (s) | samples/s | ratio to bare teacher forward |")
+    print("|---|---|---|---|")
+    print(f"| bare teacher forward passes (ready tensors) | {bare_s:.1f} | {n / bare_s:.1f} | 1.00 |")
+    print(f"| `reinforce`, no captioner | {plain_s:.1f} | {n / plain_s:.1f} | {plain_s / bare_s:.2f} |")
+    print(f"| `reinforce`, md-coca-tiny, C={args.num_captions} | {captioned_s:.1f} | {n / captioned_s:.1f} | "
+          f"{captioned_s / bare_s:.2f} |")
+    print(f"\ncaptioner share of the captioned run: {100 * (captioned_s - plain_s) / captioned_s:.0f}%\n")
+
+    print("| dtype | bytes/sample with images | bytes/sample embeddings only | vs fp32 (embeddings only) |")
+    print("|---|---|---|---|")
+    sizes = {}
+    for dtype in ("fp32", "fp16", "bf16", "int8"):
+        with_images, _ = run(f"{dtype}-images", dtype=dtype, num_captions=args.num_captions)
+        only, _ = run(f"{dtype}-embeddings", dtype=dtype, num_captions=args.num_captions, store_images=False)
+        sizes[dtype] = (with_images["counts"]["bytes_per_sample"], only["counts"]["bytes_per_sample"])
+    for dtype, (with_images, only) in sizes.items():
+        print(f"| {dtype} | {with_images:.0f} | {only:.0f} | {only / sizes['fp32'][1]:.2f} |")
+    (out / "results.json").write_text(json.dumps({"samples": n, "bare_s": bare_s, "plain_s": plain_s,
+                                                  "captioned_s": captioned_s, "bytes_per_sample": sizes}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

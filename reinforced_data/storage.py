@@ -1,0 +1,80 @@
+"""How embeddings are stored in a reinforced sample: fp32 / fp16 npz (Apple's), bf16 pth.gz (Apple's), int8 npz (ours).
+
+int8 keeps one symmetric scale per row and per teacher: each teacher's slice of a row is divided by its own
+max-abs / 127 and rounded. Teachers' slices are L2-normalized separately, so one scale per slice keeps every
+teacher's precision (a shared scale would let the teacher with the largest entries squeeze the others).
+"""
+
+import gzip
+import io
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["STORAGE_DTYPES", "encode_embeddings", "decode_embeddings", "quantize_int8", "dequantize_int8"]
+
+STORAGE_DTYPES = ("fp32", "fp16", "bf16", "int8")
+
+
+def quantize_int8(x: np.ndarray, dims: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """x (N, sum dims) float -> (int8 values (N, sum dims), float32 scales (N, len(dims)))."""
+    values = np.empty(x.shape, dtype=np.int8)
+    scales = np.empty((x.shape[0], len(dims)), dtype=np.float32)
+    start = 0
+    for t, dim in enumerate(dims):
+        part = x[:, start:start + dim].astype(np.float32)  # (N, dim)
+        scale = np.abs(part).max(axis=1) / 127.0  # (N,)
+        scale[scale == 0] = 1.0
+        values[:, start:start + dim] = np.clip(np.rint(part / scale[:, None]), -127, 127).astype(np.int8)
+        scales[:, t] = scale
+        start += dim
+    return values, scales
+
+
+def dequantize_int8(values: np.ndarray, scales: np.ndarray, dims: Sequence[int]) -> np.ndarray:
+    """Inverse of `quantize_int8`: (N, sum dims) float32."""
+    out = values.astype(np.float32)
+    start = 0
+    for t, dim in enumerate(dims):
+        out[:, start:start + dim] *= scales[:, t:t + 1]
+        start += dim
+    return out
+
+
+def encode_embeddings(image_emb: np.ndarray, text_emb: np.ndarray, dtype: str, dims: Sequence[int]
+                      ) -> tuple[str, bytes]:
+    """(member extension, bytes) of one sample's embeddings in the storage dtype."""
+    if dtype == "bf16":
+        buffer = io.BytesIO()
+        torch.save({"image_emb": torch.from_numpy(image_emb).to(torch.bfloat16),
+                    "text_emb": torch.from_numpy(text_emb).to(torch.bfloat16)}, buffer)
+        return "pth.gz", gzip.compress(buffer.getvalue(), compresslevel=6, mtime=0)
+    arrays: dict[str, np.ndarray]
+    if dtype == "int8":
+        image_q, image_s = quantize_int8(image_emb, dims)
+        text_q, text_s = quantize_int8(text_emb, dims)
+        arrays = {"image_emb": image_q, "image_emb_scale": image_s, "text_emb": text_q, "text_emb_scale": text_s}
+    elif dtype in ("fp32", "fp16"):
+        np_dtype = np.float32 if dtype == "fp32" else np.float16
+        arrays = {"image_emb": image_emb.astype(np_dtype), "text_emb": text_emb.astype(np_dtype)}
+    else:
+        raise ValueError(f"unknown storage dtype {dtype!r} (one of {', '.join(STORAGE_DTYPES)})")
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return "npz", buffer.getvalue()
+
+
+def decode_embeddings(ext: str, data: bytes, dims: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(image_emb, text_emb) as float32 from an `npz` or `pth.gz` member; int8 needs the teachers' `dims`."""
+    if ext == "pth.gz":
+        tensors = torch.load(io.BytesIO(gzip.decompress(data)), map_location="cpu", weights_only=True)
+        return tensors["image_emb"].float().numpy(), tensors["text_emb"].float().numpy()
+    with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+        image, text = arrays["image_emb"], arrays["text_emb"]
+        if image.dtype == np.int8:
+            if dims is None:
+                raise ValueError("int8 embeddings need the teachers' dimensions to dequantize")
+            return (dequantize_int8(image, arrays["image_emb_scale"], dims),
+                    dequantize_int8(text, arrays["text_emb_scale"], dims))
+        return image.astype(np.float32), text.astype(np.float32)
