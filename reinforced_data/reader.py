@@ -41,7 +41,10 @@ class ReinforcedInfo:
     config: dict[str, Any]
 
     @property
-    def dims(self) -> list[int]:
+    def dims(self) -> list[int] | None:
+        """Each teacher's embedding dimension, or None where the config does not say (Apple's)."""
+        if not self.teachers or any(t.get("dim") is None for t in self.teachers):
+            return None
         return [int(t["dim"]) for t in self.teachers]
 
 
@@ -117,8 +120,7 @@ def open_reinforced(path: str | Path, images: str | Path | None = None, skips: S
         key = raw["__key__"]
         try:
             ext, blob = _embedding_member(raw)
-            dims = info.dims if all(d is not None for d in info.dims) and info.dims else None
-            image_emb, text_emb = decode_embeddings(ext, blob, dims)
+            image_emb, text_emb = decode_embeddings(ext, blob, info.dims)
             param_aug = parse_param_aug(raw["paug.json"]) if "paug.json" in raw else []
             syn = json.loads(raw["syn.json"]).get("syn_text", []) if "syn.json" in raw else []
             meta = json.loads(raw["json"]) if "json" in raw else {}

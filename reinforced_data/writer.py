@@ -155,7 +155,9 @@ def _run_signature(data: str, urls: list[str], teachers: Sequence[str], captione
                    config: ReinforceConfig) -> dict[str, Any]:
     cfg = asdict(config)
     cfg.pop("batch_size")  # results do not depend on it
-    return {"data": data, "shards": urls, "teachers": list(teachers), "captioners": list(captioners), "config": cfg}
+    signature = {"data": data, "shards": urls, "teachers": list(teachers), "captioners": list(captioners),
+                 "config": cfg}
+    return json.loads(json.dumps(signature))  # as it reads back from disk (tuples become lists)
 
 
 def reinforce(data: str, teachers: Sequence[str], out_dir: str | Path, config: ReinforceConfig,
@@ -185,6 +187,8 @@ def reinforce(data: str, teachers: Sequence[str], out_dir: str | Path, config: R
         if run_file.is_file() and json.loads(run_file.read_text()) != signature:
             raise UserInputError(f"{out_dir} holds an unfinished run with other arguments (delete it to start over)")
         run_file.write_text(json.dumps(signature, indent=2))
+        for stale in out_dir.glob(".*.tmp-*"):  # left by a killed run; never taken for output
+            stale.unlink()
     state.wait_for_everyone()
 
     ensemble = load_ensemble(teachers, device=state.device)

@@ -107,7 +107,7 @@ def test_config_skips_and_layout(data, tiny_model_dirs, tmp_path):
     for part in (sample["image_emb"][:, :128], sample["image_emb"][:, 128:]):  # each teacher normalized alone
         assert torch.allclose(part.norm(dim=-1), torch.ones(3), atol=2e-3)
     with pytest.raises(UserInputError, match="already a finished"):
-        reinforce(str(data), [str(tiny_model_dirs["teacher_a"])], out, _config(), progress=False)
+        reinforce(str(data), [str(tiny_model_dirs["teacher_a"])], out, _config(num_captions=0), progress=False)
 
 
 def test_unsafe_keys_are_never_written(tmp_path, tiny_model_dirs):
