@@ -180,6 +180,8 @@ def reinforce(data: str, teachers: Sequence[str], out_dir: str | Path, config: R
         raise UserInputError(f"{out_dir} is already a finished reinforced dataset (delete it to redo)")
     urls = resolve_shards(data, split)
     state = PartialState()
+    ensemble = load_ensemble(teachers, device=state.device)  # bad specs fail before anything is written
+    caps = [load_captioner(c, device=state.device) for c in captioners]
     signature = _run_signature(str(data), urls, teachers, captioners, config)
     run_file = out_dir / _RUN_NAME
     if state.is_main_process:
@@ -191,8 +193,6 @@ def reinforce(data: str, teachers: Sequence[str], out_dir: str | Path, config: R
             stale.unlink()
     state.wait_for_everyone()
 
-    ensemble = load_ensemble(teachers, device=state.device)
-    caps = [load_captioner(c, device=state.device) for c in captioners]
     writer = _ShardWriter(ensemble, caps, config)
     mine = [(n, url) for n, url in enumerate(urls) if n % state.num_processes == state.process_index]
     todo = [(n, url) for n, url in mine if not (out_dir / _shard_name(n)).is_file()]

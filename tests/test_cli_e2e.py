@@ -77,6 +77,15 @@ def test_emoji_subset_train_reload_with_plain_open_clip_and_eval(tmp_path, fresh
          "must be positive"),
         (["teachers", "train", "--data", "SHAPES", "--arch", "nope", "--out", "x"], "unknown architecture"),
         (["teachers", "list", "--bogus-flag"], "unrecognized arguments"),
+        (["reinforce", "--data", "SHAPES", "--teacher", "md-teacher-s", "--out", "x", "--num-captions", "2"],
+         "needs a --captioner"),
+        (["reinforce", "--data", "SHAPES", "--teacher", "md-teacher-s", "--captioner", "md-teacher-s", "--out", "x"],
+         "not a captioner"),
+        (["reinforce", "--data", "SHAPES", "--teacher", "bad@", "--out", "x", "--num-captions", "0"],
+         "malformed model spec"),
+        (["reinforce", "--data", "missing-dir", "--teacher", "md-teacher-s", "--out", "x", "--num-captions", "0"],
+         "not found"),
+        (["inspect", "missing-dir"], "not found"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, fresh_env, args, message):
