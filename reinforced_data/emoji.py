@@ -31,6 +31,8 @@ import webdataset as wds
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
+from reinforced_data.shards import open_tar_writer
+
 __all__ = [
     "CAPTION_TEMPLATES",
     "ZEROSHOT_TEMPLATES",
@@ -482,7 +484,7 @@ def _write_split(
             if count % samples_per_shard == 0:
                 if sink is not None:
                     sink.close()
-                sink = wds.TarWriter(str(split_dir / f"{shards}.tar"))
+                sink = open_tar_writer(split_dir / f"{shards}.tar")
                 shards += 1
             meta = asdict(record) | {"captions": captions_for(record)}
             sink.write({"__key__": record.codepoints, "png": _png_bytes(image), "txt": caption_for(record),

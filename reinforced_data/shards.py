@@ -20,6 +20,7 @@ from typing import Any
 
 import braceexpand
 import PIL.Image
+import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from distill.errors import UserInputError
@@ -30,6 +31,7 @@ __all__ = [
     "SkipLog",
     "resolve_shards",
     "iter_raw_samples",
+    "open_tar_writer",
     "decode_sample",
     "is_safe_key",
     "iter_image_text",
@@ -189,6 +191,15 @@ def iter_image_text(urls: Iterable[str], skips: SkipLog | None = None) -> Iterat
             yield decode_sample(raw)
         except ValueError as e:
             skips.skip_sample(raw.get("__key__", "?"), str(e))
+
+
+def open_tar_writer(path: str | Path) -> wds.TarWriter:
+    """A webdataset tar writer whose output depends on the samples alone (a fixed, integer mtime).
+
+    With the default fractional mtime, tarfile's PAX format adds an extended header to every member (about 1 KiB
+    per member, more than a small embedding); a fixed mtime also makes reruns byte-identical.
+    """
+    return wds.TarWriter(str(path), mtime=0)
 
 
 def read_lines(path: Path) -> list[str]:

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import webdataset as wds
 from tqdm import tqdm
 
 from distill.errors import UserInputError
@@ -30,7 +29,7 @@ from reinforced_data.augment import (
     replay_augmentation,
     sample_augmentation,
 )
-from reinforced_data.shards import ImageTextSample, SkipLog, iter_image_text, resolve_shards
+from reinforced_data.shards import ImageTextSample, SkipLog, iter_image_text, open_tar_writer, resolve_shards
 from reinforced_data.storage import STORAGE_DTYPES, encode_embeddings
 
 __all__ = ["ReinforceConfig", "reinforce", "caption_seed", "CONFIG_NAME"]
@@ -125,7 +124,7 @@ def _process_shard(url: str, out_path: Path, writer: _ShardWriter, bar: tqdm) ->
     written = 0
     pending: list[ImageTextSample] = []
     samples_per_batch = max(1, writer.config.batch_size // max(1, writer.config.num_augs))
-    with wds.TarWriter(str(tmp)) as sink:
+    with open_tar_writer(tmp) as sink:
         def flush():
             nonlocal written
             for record in writer.encode(pending):

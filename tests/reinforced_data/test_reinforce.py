@@ -250,3 +250,32 @@ def test_killed_run_resumes_to_the_same_dataset(tiny_model_dirs, tmp_path):
     assert rerun.wait(timeout=600) == 0, rerun.stderr.read()
     assert not list(out.glob(".*tmp*"))
     assert _members(out) == _members(tmp_path / "ref")
+
+
+@pytest.mark.parametrize("dtype, tolerance", [("fp32", 0.0), ("fp16", 1e-3), ("bf16", 1e-2), ("int8", 1e-2)])
+def test_every_storage_dtype_round_trips(dtype, tolerance):
+    rng = np.random.default_rng(3)
+    image = rng.standard_normal((4, 96)).astype(np.float32) / 8
+    text = rng.standard_normal((3, 96)).astype(np.float32) / 8
+    ext, blob = encode_embeddings(image, text, dtype, [64, 32])
+    assert ext == ("pth.gz" if dtype == "bf16" else "npz")
+    image_back, text_back = decode_embeddings(ext, blob, [64, 32])
+    assert image_back.dtype == np.float32 and image_back.shape == image.shape and text_back.shape == text.shape
+    assert np.abs(image_back - image).max() <= tolerance and np.abs(text_back - text).max() <= tolerance
+
+
+def test_inspect_command_prints_summary_and_writes_html(data, tiny_model_dirs, tmp_path):
+    reinforce(str(data), [str(tiny_model_dirs["teacher_a"])], tmp_path / "dr", _config(num_captions=1, dtype="int8"),
+              captioners=[str(tiny_model_dirs["captioner"])], progress=False)
+    page = tmp_path / "page.html"
+    proc = _cli([sys.executable, "-m", "distill", "inspect", str(tmp_path / "dr"), "--html", str(page),
+                 "--num-samples", "3"])
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    summary = json.loads(stdout)
+    assert summary["format"] == "mobiledistill" and summary["dtype"] == "int8"
+    assert summary["num_augs"] == 3 and summary["num_captions"] == 1 and summary["num_samples"] > 0
+    assert summary["teachers"][0]["dim"] == 128 and summary["bytes_per_sample"] > 0
+    text = page.read_text()
+    assert text.count("<section>") == 3 and text.count("data:image/png;base64,") == 3 * 3
+    assert "src='http" not in text  # self-contained
