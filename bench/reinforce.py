@@ -54,6 +54,7 @@ def main() -> None:
     parser.add_argument("--num-captions", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--storage-limit", type=int, default=60, help="emoji in the storage runs")
+    parser.add_argument("--no-storage", action="store_true", help="measure throughput only")
     args = parser.parse_args()
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)

@@ -152,6 +152,25 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_distill(args: argparse.Namespace) -> int:
+    from distill.recipe import load_recipe
+    from distill.train import distill
+
+    overrides = list(args.overrides)
+    for key, value in (("student", args.student), ("inherit_from", args.inherit_from), ("steps", args.steps),
+                       ("save_every", args.save_every), ("batch_size", args.batch_size)):
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    config = load_recipe(args.config, overrides)
+    summary = distill(args.data, args.out, config, images=args.images, resume=args.resume,
+                      command=" ".join(sys.argv))
+    if summary.get("evaluation"):
+        print(_eval_line({**summary["evaluation"], "model": args.out}))
+    print(f"wrote {args.out}: {summary['steps']} steps in {summary['wall_s']} s, "
+          f"final loss {summary['final_loss']:.3f}")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------------- parser
 
 
@@ -223,6 +242,20 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--html", default=None, help="also write a self-contained HTML page of replayed samples")
     ins.add_argument("--num-samples", type=int, default=12, help="samples shown in the HTML page")
     ins.set_defaults(func=_cmd_inspect)
+
+    ds = commands.add_parser("distill", help="distill a student from a reinforced dataset")
+    ds.add_argument("--data", required=True, help="reinforced dataset directory")
+    ds.add_argument("--images", default=None, help="image-text shards to join by key (embeddings-only datasets)")
+    ds.add_argument("--student", default=None, help="student architecture (default: the recipe's)")
+    ds.add_argument("--out", required=True, help="run directory (becomes an open_clip model directory)")
+    ds.add_argument("--inherit-from", default=None, help="model spec to inherit weights from (TinyCLIP's manual rule)")
+    ds.add_argument("--config", default=None, help="recipe YAML (recipes/*.yaml)")
+    ds.add_argument("--steps", type=int, default=None)
+    ds.add_argument("--batch-size", type=int, default=None)
+    ds.add_argument("--save-every", type=int, default=None, help="save_state checkpoint every N steps")
+    ds.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    ds.add_argument("overrides", nargs="*", help="recipe overrides, key=value (e.g. loss.w_kd=0.5)")
+    ds.set_defaults(func=_cmd_distill)
     return parser
 
 

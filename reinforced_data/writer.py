@@ -13,10 +13,12 @@ shards that are missing; `config.json`, written last by one process, marks the d
 import hashlib
 import json
 import os
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from queue import Queue
 from typing import Any
 
 import torch
@@ -74,17 +76,22 @@ class _ShardWriter:
         self.ensemble, self.captioners, self.config = ensemble, captioners, config
         self.per_captioner = _captions_per_captioner(config.num_captions, len(captioners))
 
-    def encode(self, samples: list[ImageTextSample]) -> list[dict[str, Any]]:
+    def prepare(self, samples: list[ImageTextSample]) -> tuple[list[ImageTextSample], list, torch.Tensor]:
+        """Draw every sample's K augmentations and replay them: (samples, params, views (B*K, 3, S, S))."""
         cfg = self.config
-        params = []
-        views = []
+        params, views = [], []
         for s in samples:
             g = augmentation_generator(cfg.seed, s.key)
             sample_params = [sample_augmentation(s.image.width, s.image.height, cfg.augmentation, g)
                              for _ in range(cfg.num_augs)]
             params.append(sample_params)
             views.extend(replay_augmentation(s.image, p, cfg.augmentation) for p in sample_params)
-        image_emb = self.ensemble.encode_image_tensors(torch.stack(views)).numpy()  # (B*K, D)
+        return samples, params, torch.stack(views)
+
+    def encode(self, samples: list[ImageTextSample], params: list, views: torch.Tensor) -> list[dict[str, Any]]:
+        """Embed prepared views and captions with every teacher; the records of the output shard."""
+        cfg = self.config
+        image_emb = self.ensemble.encode_image_tensors(views).numpy()  # (B*K, D)
 
         synthetic: list[list[str]] = [[] for _ in samples]
         for c, (captioner, count) in enumerate(zip(self.captioners, self.per_captioner)):
@@ -122,23 +129,13 @@ def _process_shard(url: str, out_path: Path, writer: _ShardWriter, bar: tqdm) ->
     skips = SkipLog()
     tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
     written = 0
-    pending: list[ImageTextSample] = []
     samples_per_batch = max(1, writer.config.batch_size // max(1, writer.config.num_augs))
     with open_tar_writer(tmp) as sink:
-        def flush():
-            nonlocal written
-            for record in writer.encode(pending):
+        for prepared in _prefetch(_prepared_batches(url, writer, samples_per_batch, skips)):
+            for record in writer.encode(*prepared):
                 sink.write(record)
                 written += 1
-            bar.update(len(pending))
-            pending.clear()
-
-        for sample in iter_image_text([url], skips):
-            pending.append(sample)
-            if len(pending) >= samples_per_batch:
-                flush()
-        if pending:
-            flush()
+            bar.update(len(prepared[0]))
     nbytes = tmp.stat().st_size
     stats = {"shard": out_path.name, "source": url, "samples": written, "bytes": nbytes,
              "skipped": skips.samples, "unreadable": skips.shards}
@@ -148,6 +145,40 @@ def _process_shard(url: str, out_path: Path, writer: _ShardWriter, bar: tqdm) ->
     os.replace(stats_tmp, stats_path)
     os.replace(tmp, out_path)  # the tar appears last: a listed tar is always complete
     return stats
+
+
+def _prepared_batches(url: str, writer: _ShardWriter, samples_per_batch: int, skips: SkipLog) -> Iterator:
+    batch: list[ImageTextSample] = []
+    for sample in iter_image_text([url], skips):
+        batch.append(sample)
+        if len(batch) == samples_per_batch:
+            yield writer.prepare(batch)
+            batch = []
+    if batch:
+        yield writer.prepare(batch)
+
+
+def _prefetch(items: Iterator, depth: int = 2) -> Iterator:
+    """Run `items` in a background thread, `depth` ahead: decoding and augmenting the next batch overlaps the
+    teachers' forward pass on this one (PIL and torch both release the GIL in their kernels)."""
+    queue: Queue = Queue(maxsize=depth)
+    done = object()
+
+    def produce():
+        try:
+            for item in items:
+                queue.put(item)
+            queue.put(done)
+        except BaseException as e:  # handed to the consumer, which re-raises it
+            queue.put(e)
+
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    while (item := queue.get()) is not done:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+    thread.join()
 
 
 def _run_signature(data: str, urls: list[str], teachers: Sequence[str], captioners: Sequence[str],

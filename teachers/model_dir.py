@@ -19,7 +19,8 @@ import open_clip
 import torch
 from safetensors.torch import save_file
 
-__all__ = ["save_model_dir", "read_provenance", "update_provenance", "PROVENANCE_NAME", "WEIGHTS_NAME"]
+__all__ = ["save_model_dir", "write_model_files", "read_provenance", "update_provenance", "PROVENANCE_NAME",
+           "WEIGHTS_NAME"]
 
 CONFIG_NAME = "open_clip_config.json"
 WEIGHTS_NAME = "open_clip_model.safetensors"
@@ -42,16 +43,7 @@ def save_model_dir(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        preprocess_cfg = dict(open_clip.get_model_preprocess_cfg(model))
-        config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2))
-        # safetensors refuses shared storage: clone so tied tensors are saved as plain copies.
-        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        os.chmod(tmp / WEIGHTS_NAME, 0o644)
-        if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
-            tokenizer.save_pretrained(str(tmp))
-        (tmp / PROVENANCE_NAME).write_text(json.dumps(provenance or {}, indent=2, default=str))
+        write_model_files(model, model_cfg, tmp, tokenizer, provenance)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
@@ -61,6 +53,33 @@ def save_model_dir(
     return out_dir
 
 
+def write_model_files(model: torch.nn.Module, model_cfg: dict[str, Any], directory: str | Path, tokenizer: Any = None,
+                      provenance: dict[str, Any] | None = None) -> None:
+    """Write the model files into an existing directory, each atomically, `open_clip_config.json` last.
+
+    Used directly for run directories, which hold logs and checkpoints beside the model: without its config a
+    directory does not load as a model, so a crash mid-write never leaves something that looks finished.
+    """
+    directory = Path(directory)
+    # safetensors refuses shared storage: clone so tied tensors are saved as plain copies.
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    tmp_weights = directory / f".{WEIGHTS_NAME}.tmp-{os.getpid()}"
+    save_file(tensors, str(tmp_weights), metadata={"format": "pt"})
+    os.chmod(tmp_weights, 0o644)
+    os.replace(tmp_weights, directory / WEIGHTS_NAME)
+    if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+        tokenizer.save_pretrained(str(directory))
+    _write_json_atomic(directory / PROVENANCE_NAME, provenance or {})
+    preprocess_cfg = dict(open_clip.get_model_preprocess_cfg(model))
+    _write_json_atomic(directory / CONFIG_NAME, {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg})
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
 def read_provenance(model_dir: str | Path) -> dict[str, Any]:
     path = Path(model_dir) / PROVENANCE_NAME
     return json.loads(path.read_text()) if path.is_file() else {}
@@ -68,9 +87,6 @@ def read_provenance(model_dir: str | Path) -> dict[str, Any]:
 
 def update_provenance(model_dir: str | Path, **entries: Any) -> None:
     """Merge `entries` into `mobiledistill.json` (e.g. the last evaluation), replacing the file atomically."""
-    path = Path(model_dir) / PROVENANCE_NAME
     data = read_provenance(model_dir)
     data.update(entries)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
+    _write_json_atomic(Path(model_dir) / PROVENANCE_NAME, data)

@@ -1,0 +1,103 @@
+"""Recipes: a training run is a YAML file plus `key=value` overrides, resolved into a `DistillConfig`.
+
+Unknown keys are errors (a typo must not silently fall back to a default). The resolved recipe is written into the
+run directory, so a run can be repeated from what it wrote.
+"""
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from distill.errors import UserInputError
+
+__all__ = ["LossWeights", "DistillConfig", "load_recipe", "apply_overrides"]
+
+
+@dataclass
+class LossWeights:
+    """MobileCLIP's total: w_clip * (CLIP_real + CLIP_syn) + w_kd * (KD_real + KD_syn), plus optional terms."""
+
+    w_clip: float = 0.0
+    w_kd: float = 1.0
+    w_affinity: float = 0.0  # TinyCLIP affinity mimicking against the first teacher
+    affinity_logit_scale: float = 50.0
+    w_feature: float = 0.0  # CLIP-KD feature distillation against the first teacher
+    use_synthetic: bool = True  # add the *_syn terms when the dataset has synthetic captions
+
+
+@dataclass
+class DistillConfig:
+    student: str = "md-student-tiny"
+    inherit_from: str | None = None
+    steps: int = 300
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    warmup_steps: int = 30
+    grad_clip: float = 1.0
+    grad_accum_steps: int = 1
+    mixed_precision: str = "no"  # "no", "fp16", "bf16" (accelerate)
+    seed: int = 0
+    aug_sampling: str = "random"  # "random" or "sequential" (augmentation epoch % K)
+    eval_every: int = 0  # steps between zero-shot evaluations on eval_split (0: only at the end)
+    eval_data: str | None = None  # dataset root for evaluation
+    eval_split: str = "test"
+    save_every: int = 0
+    log_every: int = 10
+    shuffle_buffer: int = 2000
+    loss: LossWeights = field(default_factory=LossWeights)
+
+
+def _set(config: Any, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    target = config
+    for name in parents:
+        if not dataclasses.is_dataclass(target) or not hasattr(target, name):
+            raise UserInputError(f"unknown recipe key {dotted!r}")
+        target = getattr(target, name)
+    fields = {f.name: f for f in dataclasses.fields(target)} if dataclasses.is_dataclass(target) else {}
+    if leaf not in fields:
+        raise UserInputError(f"unknown recipe key {dotted!r} (known: {', '.join(sorted(fields))})")
+    if dataclasses.is_dataclass(getattr(target, leaf)):
+        if not isinstance(value, dict):
+            raise UserInputError(f"recipe key {dotted!r} takes a mapping")
+        for key, sub in value.items():
+            _set(config, f"{dotted}.{key}", sub)
+        return
+    current = getattr(target, leaf)
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if current is not None and value is not None and type(value) is not type(current):
+        raise UserInputError(f"recipe key {dotted!r} takes a {type(current).__name__}, got {value!r}")
+    setattr(target, leaf, value)
+
+
+def apply_overrides(config: DistillConfig, overrides: list[str]) -> DistillConfig:
+    """Apply `key=value` strings (nested keys dotted: `loss.w_kd=0.5`)."""
+    for item in overrides:
+        if "=" not in item:
+            raise UserInputError(f"override {item!r} is not key=value")
+        key, value = item.split("=", 1)
+        _set(config, key.strip(), yaml.safe_load(value) if value.strip() else value)
+    return config
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> DistillConfig:
+    """The recipe at `path` (or the defaults) with `overrides` applied."""
+    config = DistillConfig()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserInputError(f"recipe not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserInputError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from e
+        if not isinstance(data, dict):
+            raise UserInputError(f"{path} must hold a mapping of recipe keys")
+        for key, value in data.items():
+            _set(config, key, value)
+    return apply_overrides(config, list(overrides))

@@ -1,0 +1,277 @@
+"""Distilling a student from a reinforced dataset: build, loop, log, checkpoint (accelerate underneath).
+
+Each step takes, per sample, one stored augmentation (random, or epoch % K), replays it at the student's
+resolution, and uses that view's stored teacher embeddings; the real caption and one random synthetic caption come
+with their stored text embeddings. Teachers cost nothing here. The losses are in `distill.losses`; their weights in
+the recipe (`distill.recipe`).
+
+The data stream is a pure function of (seed, epoch, sample order), so `--resume` reloads the last `save_state`
+checkpoint and skips the samples already consumed: it continues with the same data and the same losses as an
+uninterrupted run.
+"""
+
+import itertools
+import json
+import math
+import random
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+from tqdm import tqdm
+
+from distill.errors import UserInputError
+from distill.inherit import inherit_weights
+from distill.losses import affinity_mimicking_loss, clip_loss, ensemble_kd_loss, feature_distillation_loss
+from distill.recipe import DistillConfig
+from reinforced_data.augment import replay_augmentation
+from reinforced_data.reader import open_reinforced, read_info
+from teachers.model_dir import write_model_files
+from teachers.specs import load_model
+from teachers.train import cosine_with_warmup, param_groups_for_weight_decay
+
+__all__ = ["distill", "compute_losses", "last_checkpoint"]
+
+
+class _ReinforcedStream(torch.utils.data.IterableDataset):
+    """Endless training tuples from a reinforced dataset (see the module docstring)."""
+
+    def __init__(self, path: str, images: str | None, info, size: int, mean, std, config: DistillConfig,
+                 rank: int, world: int):
+        super().__init__()
+        self.path, self.images, self.info, self.size = path, images, info, size
+        self.mean = torch.tensor(mean).view(3, 1, 1)
+        self.std = torch.tensor(std).view(3, 1, 1)
+        self.config, self.rank, self.world = config, rank, world
+
+    def __iter__(self):
+        cfg = self.config
+        for epoch in itertools.count():
+            rng = random.Random(f"{cfg.seed}/{epoch}")
+            pool, seen = [], 0
+            for i, sample in enumerate(open_reinforced(self.path, self.images)):
+                if i % self.world != self.rank or sample["image"] is None:
+                    continue
+                seen += 1
+                pool.append(sample)
+                if len(pool) >= cfg.shuffle_buffer:
+                    yield self._example(pool.pop(rng.randrange(len(pool))), epoch, rng)
+            if seen == 0:
+                raise UserInputError(f"{self.path} has no samples with images (pass the image shards to join)")
+            rng.shuffle(pool)
+            while pool:
+                yield self._example(pool.pop(), epoch, rng)
+
+    def _example(self, sample: dict[str, Any], epoch: int, rng: random.Random):
+        k_total = len(sample["param_aug"])
+        k = rng.randrange(k_total) if self.config.aug_sampling == "random" else epoch % k_total
+        view = replay_augmentation(sample["image"], sample["param_aug"][k], self.info.augmentation, size=self.size)
+        view = (view - self.mean) / self.std
+        syn = sample["syn_captions"]
+        j = rng.randrange(len(syn)) if syn else -1
+        t_syn = sample["text_emb"][1 + j] if syn else torch.zeros_like(sample["text_emb"][0])
+        return view, sample["caption"], syn[j] if syn else "", sample["image_emb"][k], sample["text_emb"][0], t_syn
+
+
+def compute_losses(model: nn.Module, batch, tokenizer, config: DistillConfig, dims: list[int],
+                   teacher_scales: list[float], projection: nn.Module | None) -> dict[str, torch.Tensor]:
+    """Named loss terms of one batch; keys ending in `_loss` are summed into the objective."""
+    images, real, syn, t_image, t_real, t_syn = batch
+    w = config.loss
+    use_syn = w.use_synthetic and all(syn)
+    texts = list(real) + (list(syn) if use_syn else [])
+    device = images.device
+    image_features = model.encode_image(images, normalize=True)  # (B, D)
+    text_features = model.encode_text(tokenizer(texts).to(device), normalize=True)  # (B or 2B, D)
+    real_features, syn_features = text_features[:len(real)], text_features[len(real):]
+    scale = model.logit_scale.exp()
+    t_image, t_real, t_syn = (t.to(device).float().split(dims, dim=-1) for t in (t_image, t_real, t_syn))
+    terms: dict[str, torch.Tensor] = {}
+    pairs = [("real", real_features, t_real)] + ([("syn", syn_features, t_syn)] if use_syn else [])
+    for name, features, teacher_text in pairs:
+        if w.w_clip:
+            terms[f"clip_{name}_loss"] = w.w_clip * clip_loss(image_features, features, scale)
+        if w.w_kd:
+            terms[f"kd_{name}_loss"] = w.w_kd * ensemble_kd_loss(image_features, features, scale, list(t_image),
+                                                                 list(teacher_text), teacher_scales)
+    if w.w_affinity:
+        terms["affinity_loss"] = w.w_affinity * affinity_mimicking_loss(
+            image_features, real_features, t_image[0], t_real[0], logit_scale=w.affinity_logit_scale)
+    if w.w_feature:
+        terms["feature_loss"] = w.w_feature * (feature_distillation_loss(image_features, t_image[0], projection)
+                                               + feature_distillation_loss(real_features, t_real[0], projection)) / 2
+    terms["logit_scale"] = scale.detach()
+    return terms
+
+
+def last_checkpoint(run_dir: Path) -> Path | None:
+    checkpoints = sorted((run_dir / "checkpoints").glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
+    complete = [c for c in checkpoints if (c / "step.json").is_file()]
+    return complete[-1] if complete else None
+
+
+def _plot_curves(rows: list[dict[str, float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in rows[0] if k.endswith("_loss") or k == "loss"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key in keys:
+        ax.plot([r["step"] for r in rows], [r[key] for r in rows], label=key)
+    evals = [r for r in rows if "eval_top1" in r]
+    if evals:
+        ax2 = ax.twinx()
+        ax2.plot([r["step"] for r in evals], [100 * r["eval_top1"] for r in evals], "k--o", label="test top-1 (%)")
+        ax2.set_ylabel("zero-shot top-1 (%)")
+        ax2.legend(loc="upper center")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def distill(data: str, run_dir: str | Path, config: DistillConfig, images: str | None = None, resume: bool = False,
+            progress: bool = True, command: str = "") -> dict[str, Any]:
+    """Train `config.student` on the reinforced dataset `data`; writes the run directory and returns a summary."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from distill.evaluate import evaluate_model
+
+    run_dir = Path(run_dir)
+    if (run_dir / "open_clip_config.json").exists():
+        raise UserInputError(f"{run_dir} holds a finished run (delete it or pick another --out)")
+    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
+        raise UserInputError(f"{run_dir} is not empty: pass --resume to continue it, or pick another --out")
+    if config.steps <= 0 or config.batch_size <= 0:
+        raise UserInputError("steps and batch_size must be positive")
+    if config.aug_sampling not in ("random", "sequential"):
+        raise UserInputError("aug_sampling must be 'random' or 'sequential'")
+    info = read_info(data)
+    dims = info.dims
+    if dims is None:
+        raise UserInputError(f"{data}: config.json does not give the teachers' dimensions")
+    sample = next(iter(open_reinforced(data, images)), None)
+    if sample is None:
+        raise UserInputError(f"no readable samples in {data}")
+    if sample["image_emb"].shape[-1] != sum(dims):
+        raise UserInputError(f"embedding dimension {sample['image_emb'].shape[-1]} does not match the teachers' "
+                             f"{dims} in config.json")
+    teacher_scales = [float(t["logit_scale"]) for t in info.teachers]
+
+    accelerator = Accelerator(mixed_precision=config.mixed_precision,
+                              gradient_accumulation_steps=config.grad_accum_steps,
+                              log_with="tensorboard", project_dir=str(run_dir))
+    set_seed(config.seed)
+    loaded = load_model(config.student, device=accelerator.device, warn_random=False)
+    model = loaded.model
+    inheritance = None
+    if config.inherit_from:
+        teacher_model = load_model(config.inherit_from, warn_random=False).model
+        inheritance = inherit_weights(model, teacher_model)
+        if accelerator.is_main_process:
+            print(inheritance.table())
+        del teacher_model
+    student_dim = loaded.embed_dim
+    projection = nn.Linear(student_dim, dims[0], bias=False).to(accelerator.device) \
+        if config.loss.w_feature and student_dim != dims[0] else None
+    params = param_groups_for_weight_decay(model, config.weight_decay)
+    if projection is not None:
+        params.append({"params": list(projection.parameters()), "weight_decay": 0.0})
+    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
+    warmup = min(config.warmup_steps, max(1, config.steps // 2))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(s, config.steps, warmup))
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    if projection is not None:
+        projection = accelerator.prepare(projection)
+
+    start_step = 0
+    checkpoint = last_checkpoint(run_dir) if resume else None
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        start_step = json.loads((checkpoint / "step.json").read_text())["step"]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process:
+        (run_dir / "recipe.yaml").write_text(yaml.safe_dump(asdict(config), sort_keys=False))
+        accelerator.init_trackers("tensorboard")
+
+    size = loaded.preprocess_cfg["size"]
+    size = size if isinstance(size, int) else size[0]
+    per_process = max(1, config.batch_size // accelerator.num_processes)
+    stream = _ReinforcedStream(str(data), images, info, size, loaded.preprocess_cfg["mean"],
+                               loaded.preprocess_cfg["std"], config, accelerator.process_index,
+                               accelerator.num_processes)
+    loader = torch.utils.data.DataLoader(stream, batch_size=per_process, num_workers=0)
+    batches = itertools.islice(iter(loader), start_step * config.grad_accum_steps, None)
+
+    eval_root = config.eval_data or info.config.get("source")
+    can_eval = bool(eval_root) and Path(eval_root, config.eval_split).is_dir()
+    log_path = run_dir / "log.jsonl"
+    rows = [json.loads(line) for line in log_path.read_text().splitlines()] if resume and log_path.is_file() else []
+    rows = [r for r in rows if r["step"] < start_step]
+    unwrapped = accelerator.unwrap_model(model)
+    start = time.time()
+    bar = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps, desc="distill",
+               disable=not progress or not accelerator.is_main_process, dynamic_ncols=True)
+    model.train()
+    for step in bar:
+        for _ in range(config.grad_accum_steps):
+            with accelerator.accumulate(model):
+                batch = next(batches)
+                batch = [b.to(accelerator.device) if isinstance(b, torch.Tensor) else b for b in batch]
+                terms = compute_losses(unwrapped, batch, loaded.tokenizer, config, dims, teacher_scales, projection)
+                loss = sum(v for k, v in terms.items() if k.endswith("_loss"))
+                if not torch.isfinite(loss):
+                    last = last_checkpoint(run_dir)
+                    raise UserInputError(f"loss is {loss.item()} at step {step}; last good checkpoint: "
+                                         f"{last if last else 'none (no checkpoint saved yet)'}")
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and config.grad_clip > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            unwrapped.logit_scale.clamp_(0, math.log(100))
+        done = step + 1
+        if step % config.log_every == 0 or done == config.steps or (config.eval_every and done % config.eval_every
+                                                                     == 0):
+            row = {"step": step, "loss": loss.item(), "lr": scheduler.get_last_lr()[0],
+                   **{k: v.item() for k, v in terms.items()}, "elapsed_s": round(time.time() - start, 2)}
+            if can_eval and config.eval_every and done % config.eval_every == 0 and done < config.steps:
+                row["eval_top1"] = evaluate_model(loaded, eval_root, config.eval_split,
+                                                  progress=False).get("zeroshot", {}).get("top1", float("nan"))
+                model.train()
+            rows.append(row)
+            accelerator.log({k: v for k, v in row.items() if k != "step"}, step=step)
+            bar.set_postfix(loss=f"{row['loss']:.3f}")
+        if config.save_every and done % config.save_every == 0 and done < config.steps:
+            path = run_dir / "checkpoints" / f"step_{done}"
+            accelerator.save_state(str(path))
+            if accelerator.is_main_process:
+                (path / "step.json").write_text(json.dumps({"step": done}))  # written last: marks it complete
+                log_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+    summary: dict[str, Any] = {"steps": config.steps, "wall_s": round(time.time() - start, 1),
+                               "final_loss": rows[-1]["loss"], "resumed_from": start_step}
+    if accelerator.is_main_process:
+        log_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        _plot_curves(rows, run_dir / "curves.png")
+        evaluation = evaluate_model(loaded, eval_root, config.eval_split, progress=False) if can_eval else None
+        provenance = {"command": command, "recipe": asdict(config), "data": str(data), "images": images,
+                      "teachers": info.teachers, "steps": config.steps, "seed": config.seed, "train": summary,
+                      "inheritance": inheritance.as_dict() if inheritance else None, "evaluation": evaluation}
+        write_model_files(unwrapped, loaded.model_cfg, run_dir, tokenizer=loaded.tokenizer, provenance=provenance)
+        summary["evaluation"] = evaluation
+    accelerator.wait_for_everyone()
+    return summary

@@ -1,0 +1,98 @@
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import open_clip
+import pytest
+
+from distill.errors import UserInputError
+from distill.recipe import DistillConfig, load_recipe
+from distill.train import distill
+from reinforced_data.augment import AugmentationConfig
+from reinforced_data.writer import ReinforceConfig, reinforce
+from tests.conftest import write_shapes_root
+
+REPO = Path(__file__).parents[2]
+
+
+@pytest.mark.parametrize("recipe", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_loads_and_says_what_it_is_for(recipe):
+    config = load_recipe(recipe)
+    assert isinstance(config, DistillConfig) and config.steps > 0
+    assert recipe.read_text().startswith("#")  # a header comment: what it is for, how long it runs
+
+
+@pytest.fixture(scope="module")
+def reinforced(tmp_path_factory, tiny_model_dirs) -> Path:
+    root = write_shapes_root(tmp_path_factory.mktemp("data") / "shapes", per_pair=3, size=64, train_shards=2)
+    out = tmp_path_factory.mktemp("dr") / "dr"
+    reinforce(str(root), [str(tiny_model_dirs["teacher_a"]), str(tiny_model_dirs["teacher_b"])], out,
+              ReinforceConfig(num_augs=2, num_captions=1, dtype="fp16",
+                              augmentation=AugmentationConfig(size=64, scale=(0.5, 1.0))),
+              captioners=[str(tiny_model_dirs["captioner"])], progress=False)
+    return out
+
+
+def test_distill_with_inheritance_writes_a_model_directory(reinforced, tiny_model_dirs, tmp_path):
+    config = load_recipe(REPO / "recipes" / "emoji-kd-affinity.yaml",
+                         ["steps=4", "batch_size=8", "warmup_steps=1", "log_every=1",
+                          f"inherit_from={tiny_model_dirs['teacher_a']}"])
+    run = tmp_path / "run"
+    summary = distill(str(reinforced), run, config, progress=False)
+    rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]
+    assert {"kd_real_loss", "kd_syn_loss", "clip_real_loss", "clip_syn_loss", "affinity_loss"} <= set(rows[0])
+    assert (run / "curves.png").stat().st_size > 0 and (run / "recipe.yaml").is_file()
+    provenance = json.loads((run / "mobiledistill.json").read_text())
+    assert provenance["inheritance"]["sliced"] > 0 and provenance["evaluation"]["num_samples"] > 0
+    assert summary["evaluation"]["zeroshot"]["num_classes"] == 3
+    model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{run}")  # plain open_clip loads the run
+    assert model.visual.transformer.width == 128
+    with pytest.raises(UserInputError, match="finished run"):
+        distill(str(reinforced), run, config, progress=False)
+
+
+def test_bad_recipe_and_dimension_mismatch(reinforced, tmp_path):
+    with pytest.raises(UserInputError, match="unknown recipe key"):
+        load_recipe(None, ["loss.w_kdd=1"])
+    config_path = reinforced / "config.json"
+    original = config_path.read_text()
+    config = json.loads(original)
+    config["teachers"][0]["dim"] = 64
+    config_path.write_text(json.dumps(config))
+    try:
+        with pytest.raises(UserInputError, match="does not match"):
+            distill(str(reinforced), tmp_path / "run", load_recipe(None, ["steps=1"]), progress=False)
+    finally:
+        config_path.write_text(original)
+
+
+def _cli(args, **kw):
+    return subprocess.Popen([sys.executable, "-m", "distill", *args], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_with_the_same_losses(reinforced, tmp_path):
+    common = ["distill", "--data", str(reinforced), "--student", "md-student-tiny", "--steps", "12",
+              "--batch-size", "8", "--save-every", "3", "log_every=1", "warmup_steps=2"]
+    reference = _cli([*common, "--out", str(tmp_path / "ref")])
+    assert reference.wait(timeout=600) == 0, reference.stderr.read()
+    run = tmp_path / "killed"
+    proc = _cli([*common, "--out", str(run)])
+    deadline = time.time() + 300
+    while not (run / "checkpoints" / "step_3" / "step.json").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / "open_clip_config.json").exists()
+    resumed = _cli([*common, "--out", str(run), "--resume"])
+    assert resumed.wait(timeout=600) == 0, resumed.stderr.read()
+    ref_rows = [json.loads(x) for x in (tmp_path / "ref" / "log.jsonl").read_text().splitlines()]
+    rows = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [r["step"] for r in ref_rows] == list(range(12))
+    for a, b in zip(rows, ref_rows):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5), a["step"]
