@@ -90,6 +90,8 @@ def main() -> None:
           f"{n / captioned_work:.1f} | {captioned_work / bare_s:.2f} |")
     print(f"\ncaptioner share of the captioned run: {100 * (captioned_work - plain_work) / captioned_work:.0f}%\n")
 
+    if args.no_storage:
+        return
     print("| dtype | bytes/sample with images | bytes/sample embeddings only | vs fp32 (embeddings only) |")
     print("|---|---|---|---|")
     sizes = {}
