@@ -55,11 +55,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--storage-limit", type=int, default=60, help="emoji in the storage runs")
     parser.add_argument("--no-storage", action="store_true", help="measure throughput only")
+    parser.add_argument("--no-throughput", action="store_true", help="measure storage only")
     args = parser.parse_args()
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    build_emoji_dataset(out / "emoji", limit=args.limit, progress=False)
+    if not args.no_throughput:
+        build_emoji_dataset(out / "emoji", limit=args.limit, progress=False)
     build_emoji_dataset(out / "emoji-small", limit=args.storage_limit, progress=False)
     teachers = [_save_random("md-teacher-s", out / "teacher-s"), _save_random("md-teacher-m", out / "teacher-m")]
     captioner = _save_random("md-coca-tiny", out / "captioner")
@@ -73,24 +75,31 @@ def main() -> None:
         result = reinforce(str(out / data), teachers, out / name, config, captioners=captioners, progress=False)
         return result, time.perf_counter() - start
 
-    plain, plain_s = run("plain")
-    n = plain["counts"]["samples"]
-    bare_s = _bare_forward_seconds(teachers, n, args.num_augs, 1, args.batch_size, 64)
-    captioned, captioned_s = run("captioned", num_captions=args.num_captions)
-
-    print(f"\n{n} samples, K={args.num_augs}, teachers md-teacher-s + md-teacher-m, batch {args.batch_size} views\n")
-    # `wall_s` in config.json counts from after the models are loaded (a one-time cost, a few seconds).
-    plain_work, captioned_work = plain["wall_s"], captioned["wall_s"]
-    print("| run | wall, whole call (s) | wall after model load (s) | samples/s | ratio to bare forward (after load) |")
-    print("|---|---|---|---|---|")
-    print(f"| bare teacher forward passes (ready tensors) | {bare_s:.1f} | {bare_s:.1f} | {n / bare_s:.1f} | 1.00 |")
-    print(f"| `reinforce`, no captioner | {plain_s:.1f} | {plain_work:.1f} | {n / plain_work:.1f} | "
-          f"{plain_work / bare_s:.2f} |")
-    print(f"| `reinforce`, md-coca-tiny, C={args.num_captions} | {captioned_s:.1f} | {captioned_work:.1f} | "
-          f"{n / captioned_work:.1f} | {captioned_work / bare_s:.2f} |")
-    print(f"\ncaptioner share of the captioned run: {100 * (captioned_work - plain_work) / captioned_work:.0f}%\n")
+    results: dict = {}
+    if not args.no_throughput:
+        plain, plain_s = run("plain")
+        n = plain["counts"]["samples"]
+        bare_s = _bare_forward_seconds(teachers, n, args.num_augs, 1, args.batch_size, 64)
+        captioned, captioned_s = run("captioned", num_captions=args.num_captions)
+        print(f"\n{n} samples, K={args.num_augs}, teachers md-teacher-s + md-teacher-m, "
+              f"batch {args.batch_size} views\n")
+        # `wall_s` in config.json counts from after the models are loaded (a one-time cost, a few seconds).
+        plain_work, captioned_work = plain["wall_s"], captioned["wall_s"]
+        print("| run | wall, whole call (s) | wall after model load (s) | samples/s | "
+              "ratio to bare forward (after load) |")
+        print("|---|---|---|---|---|")
+        print(f"| bare teacher forward passes (ready tensors) | {bare_s:.1f} | {bare_s:.1f} | {n / bare_s:.1f} | "
+              "1.00 |")
+        print(f"| `reinforce`, no captioner | {plain_s:.1f} | {plain_work:.1f} | {n / plain_work:.1f} | "
+              f"{plain_work / bare_s:.2f} |")
+        print(f"| `reinforce`, md-coca-tiny, C={args.num_captions} | {captioned_s:.1f} | {captioned_work:.1f} | "
+              f"{n / captioned_work:.1f} | {captioned_work / bare_s:.2f} |")
+        print(f"\ncaptioner share of the captioned run: "
+              f"{100 * (captioned_work - plain_work) / captioned_work:.0f}%\n")
+        results.update(samples=n, bare_s=bare_s, plain_s=plain_work, captioned_s=captioned_work)
 
     if args.no_storage:
+        (out / "results.json").write_text(json.dumps(results, indent=2))
         return
     print("| dtype | bytes/sample with images | bytes/sample embeddings only | vs fp32 (embeddings only) |")
     print("|---|---|---|---|")
@@ -101,9 +110,46 @@ def main() -> None:
                       store_images=False)
         sizes[dtype] = (with_images["counts"]["bytes_per_sample"], only["counts"]["bytes_per_sample"])
     for dtype, (with_images, only) in sizes.items():
-        print(f"| {dtype} | {with_images:.0f} | {only:.0f} | {only / sizes['fp32'][1]:.2f} |")
-    (out / "results.json").write_text(json.dumps({"samples": n, "bare_s": bare_s, "plain_s": plain_s,
-                                                  "captioned_s": captioned_s, "bytes_per_sample": sizes}, indent=2))
+        print(f"| {dtype} | {with_images:.0f} | {only:.0f} | {only / sizes['fp32'][1]:.3f} |")
+    results["bytes_per_sample"] = sizes
+
+    # The same samples (same metadata, captions, augmentation parameters) with embeddings as wide as two
+    # ViT-L-14 teachers (D = 768 + 768, DataCompDR's): only the npz member changes size.
+    wide = _rewrite_wide(out / "fp32-embeddings", out / "wide", [768, 768])
+    print("\nsame samples, embeddings only, teachers D = 768 + 768:\n")
+    print("| dtype | bytes/sample | vs fp32 |")
+    print("|---|---|---|")
+    for dtype, size in wide.items():
+        print(f"| {dtype} | {size:.0f} | {size / wide['fp32']:.3f} |")
+    results["bytes_per_sample_d1536"] = wide
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+
+
+def _rewrite_wide(source: Path, out: Path, dims: list[int]) -> dict[str, float]:
+    import numpy as np
+
+    from reinforced_data.shards import iter_raw_samples, open_tar_writer
+    from reinforced_data.storage import decode_embeddings, encode_embeddings
+
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    sizes = {}
+    raws = list(iter_raw_samples(sorted(str(p) for p in source.glob("*.tar"))))
+    for dtype in ("fp32", "fp16", "bf16", "int8"):
+        path = out / f"{dtype}.tar"
+        with open_tar_writer(path) as sink:
+            for raw in raws:
+                image, text = decode_embeddings("npz", raw["npz"])
+
+                def widen(rows: int) -> np.ndarray:
+                    parts = [rng.standard_normal((rows, d)).astype(np.float32) for d in dims]
+                    return np.concatenate([p / np.linalg.norm(p, axis=1, keepdims=True) for p in parts], axis=1)
+
+                ext, blob = encode_embeddings(widen(len(image)), widen(len(text)), dtype, dims)
+                record = {k: v for k, v in raw.items() if not k.startswith("__") and k != "npz"}
+                sink.write({"__key__": raw["__key__"], **record, ext: blob})
+        sizes[dtype] = path.stat().st_size / len(raws)
+    return sizes
 
 
 if __name__ == "__main__":
