@@ -264,7 +264,14 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # Recipe overrides (key=value) may stand anywhere among distill's options, not only in one run.
+    if extra and getattr(args, "overrides", None) is not None and all("=" in x and not x.startswith("-")
+                                                                       for x in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     # Libraries log download failures and the like through the root logger; the command reports them itself.
     logging.basicConfig(level=os.environ.get("MOBILEDISTILL_LOG_LEVEL", "CRITICAL").upper())
     warnings.formatwarning = _one_line_warning
