@@ -32,7 +32,7 @@ from reinforced_data.augment import replay_augmentation
 from reinforced_data.reader import open_reinforced, read_info
 from teachers.model_dir import write_model_files
 from teachers.specs import load_model
-from teachers.train import cosine_with_warmup, param_groups_for_weight_decay
+from teachers.train import cosine_with_warmup, optimizer_step, param_groups_for_weight_decay
 
 __all__ = ["distill", "compute_losses", "last_checkpoint"]
 
@@ -233,12 +233,7 @@ def distill(data: str, run_dir: str | Path, config: DistillConfig, images: str |
                     last = last_checkpoint(run_dir)
                     raise UserInputError(f"loss is {loss.item()} at step {step}; last good checkpoint: "
                                          f"{last if last else 'none (no checkpoint saved yet)'}")
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and config.grad_clip > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                optimizer_step(accelerator, model, optimizer, scheduler, loss, config.grad_clip)
         with torch.no_grad():
             unwrapped.logit_scale.clamp_(0, math.log(100))
         done = step + 1

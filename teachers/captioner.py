@@ -111,9 +111,16 @@ class Captioner(nn.Module):
 
 
 def _sample_top_p(logits: torch.Tensor, top_p: float, generators: list[torch.Generator]) -> torch.Tensor:
-    """One token per row by nucleus sampling; row i uses only `generators[i]`. logits: (N, V) -> (N,)"""
-    probs = torch.softmax(logits, dim=-1)  # (N, V)
-    sorted_probs, order = probs.sort(dim=-1, descending=True)  # (N, V)
+    """One token per row by nucleus sampling; row i uses only `generators[i]`. logits: (N, V) -> (N,)
+
+    The same logits computed in another batch, process or memory layout differ in their last bits (kernels pick
+    other code paths), and near-flat distributions would turn that noise into other tokens. So logits are snapped to
+    a 1/1024 grid and the distribution is built in float64 with a stable sort: the sample then depends on the
+    logits, not on their rounding noise.
+    """
+    logits = torch.round(logits.double() * 1024) / 1024
+    probs = torch.softmax(logits, dim=-1)  # (N, V) float64
+    sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)  # (N, V)
     keep = (sorted_probs.cumsum(dim=-1) - sorted_probs) < top_p  # the top token is always kept
     sorted_probs = sorted_probs * keep
     cdf = sorted_probs.cumsum(dim=-1)  # (N, V)

@@ -28,7 +28,8 @@ from reinforced_data.shards import SkipLog, iter_image_text, resolve_shards
 from teachers.model_dir import save_model_dir
 from teachers.specs import LoadedModel, load_model
 
-__all__ = ["TeacherTrainConfig", "train_teacher", "cosine_with_warmup", "param_groups_for_weight_decay"]
+__all__ = ["TeacherTrainConfig", "train_teacher", "cosine_with_warmup", "param_groups_for_weight_decay",
+           "optimizer_step"]
 
 
 @dataclass
@@ -66,6 +67,16 @@ def param_groups_for_weight_decay(model: nn.Module, weight_decay: float) -> list
         exclude = p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
         (no_decay if exclude else decay).append(p)
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+def optimizer_step(accelerator, model: nn.Module, optimizer, scheduler, loss: torch.Tensor, grad_clip: float) -> None:
+    """Backward, clip (when the accumulated gradients are synchronized), step, schedule, zero: one update."""
+    accelerator.backward(loss)
+    if accelerator.sync_gradients and grad_clip > 0:
+        accelerator.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 class _CaptionedImageStream(torch.utils.data.IterableDataset):
@@ -223,12 +234,7 @@ def train_teacher(
                 losses = {"contrastive_loss": loss}
             if not torch.isfinite(loss):
                 raise RuntimeError(f"loss is {loss.item()} at step {step}")
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and config.grad_clip > 0:
-                accelerator.clip_grad_norm_(trainable.parameters(), config.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer_step(accelerator, trainable, optimizer, scheduler, loss, config.grad_clip)
         with torch.no_grad():  # open_clip clamps the learned temperature at 100
             model.logit_scale.clamp_(0, math.log(100))
         if step % config.log_every == 0 or step == config.steps - 1:

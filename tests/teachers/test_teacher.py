@@ -1,3 +1,8 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -47,17 +52,27 @@ def test_each_teacher_keeps_its_own_preprocessing(ensemble):
 
 
 def test_captioner_is_seeded_per_sample_whatever_the_batch():
-    torch.manual_seed(0)
-    with pytest.warns(UserWarning):
-        captioner = Captioner(load_model("md-coca-tiny"))
-    images = [draw_shape(c, "circle", 64) for c in ("red", "green", "blue")]
-    together = captioner.generate(images, num_captions=2, seeds=[10, 11, 12], max_len=8)
-    alone = captioner.generate(images[1:2], num_captions=2, seeds=[11], max_len=8)
-    assert len(together) == 3 and all(len(c) == 2 for c in together)
-    assert together[1] == alone[0]
-    assert together[0] != together[2] or together[0][0] != together[0][1]
-    again = captioner.generate(images, num_captions=2, seeds=[10, 11, 12], max_len=8)
-    assert again == together
+    # In a fresh process: open_clip's CoCa decoding was seen to change after other models were freed in the same
+    # process (non-finite logits; root cause open), which no seed controls.
+    code = """
+import torch
+from teachers import Captioner, load_model
+from tests.conftest import draw_shape
+torch.manual_seed(0)
+captioner = Captioner(load_model("md-coca-tiny", warn_random=False))
+images = [draw_shape(c, "circle", 64) for c in ("red", "green", "blue")]
+together = captioner.generate(images, num_captions=2, seeds=[10, 11, 12], max_len=8)
+alone = captioner.generate(images[1:2], num_captions=2, seeds=[11], max_len=8)
+assert len(together) == 3 and all(len(c) == 2 for c in together)
+assert together[1] == alone[0], (together, alone)
+assert together[0] != together[2] or together[0][0] != together[0][1]
+assert captioner.generate(images, num_captions=2, seeds=[10, 11, 12], max_len=8) == together
+print("ok")
+"""
+    repo = Path(__file__).parents[2]
+    out = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(repo)}, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
 
 
 def test_captioner_rejects_clip_models():
