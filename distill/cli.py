@@ -144,7 +144,7 @@ def _reference_size(teacher_specs: list[str]) -> int:
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from reinforced_data.inspection import inspect_reinforced, write_inspection_html
 
-    summary = inspect_reinforced(args.path, images=args.images)
+    summary = inspect_reinforced(args.path)
     print(json.dumps(summary, indent=2))
     if args.html:
         write_inspection_html(args.path, args.html, images=args.images, num_samples=args.num_samples)

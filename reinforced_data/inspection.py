@@ -7,9 +7,11 @@ were shown), the real and synthetic captions, and each caption's cosine similari
 import base64
 import html
 import io
+import tarfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torchvision.transforms.functional as TF
 
@@ -29,11 +31,11 @@ def _teacher_dims(info: ReinforcedInfo, total_dim: int) -> list[dict[str, Any]]:
     return teachers
 
 
-def inspect_reinforced(path: str | Path, images: str | Path | None = None) -> dict[str, Any]:
+def inspect_reinforced(path: str | Path) -> dict[str, Any]:
     """The design's summary: format, num_samples, num_augs, num_captions, teachers, dtype, bytes_per_sample."""
     info = read_info(path)
     counts = info.config.get("counts")
-    first = next(iter(open_reinforced(path, images)), None)
+    first = next(iter(open_reinforced(path)), None)  # embeddings suffice: no need to index the image shards
     if first is None:
         raise UserInputError(f"no readable samples in {path}")
     if counts:
@@ -53,15 +55,11 @@ def inspect_reinforced(path: str | Path, images: str | Path | None = None) -> di
 
 
 def _guess_dtype(info: ReinforcedInfo) -> str:
-    import tarfile
-
     with tarfile.open(info.shards[0]) as tar:
         names = tar.getnames()
         if any(n.endswith(".pth.gz") for n in names):
             return "bf16"
         member = next(n for n in names if n.endswith(".npz"))
-        import numpy as np
-
         with np.load(io.BytesIO(tar.extractfile(member).read())) as arrays:
             return {"float32": "fp32", "float16": "fp16", "int8": "int8"}[str(arrays["image_emb"].dtype)]
 

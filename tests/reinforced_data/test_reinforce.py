@@ -194,7 +194,7 @@ def test_reads_apple_datacompdr_layout_joined_with_image_shards(tmp_path):
     assert view.shape == (3, 32, 32)
     from reinforced_data.inspection import inspect_reinforced
 
-    summary = inspect_reinforced(dr, images=images)
+    summary = inspect_reinforced(dr)
     assert summary["format"] == "datacompdr" and summary["num_augs"] == 2 and summary["num_captions"] == 2
     assert summary["dtype"] == "fp32" and [t["dim"] for t in summary["teachers"]] == [768, 768]
 
