@@ -6,6 +6,7 @@ reproducible across batch sizes and processes).
 """
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import open_clip
 import PIL.Image
@@ -58,6 +59,13 @@ class Captioner(nn.Module):
         `images` are PIL images (this captioner's preprocessing is applied) or an already preprocessed batch.
         Nucleus sampling (Holtzman et al., 2020): at each step keep the smallest set of tokens whose probability
         reaches `top_p`, renormalize, and sample with the caption's own generator.
+
+        Each image is decoded in its own forward passes (its captions form the batch). CPU and GPU matrix kernels
+        pick their blocking from the batch shape (and on a CPU their reductions from the thread count), so the same
+        row computed in another batch or process differs in its last bits, and a sampler turns such differences
+        into other tokens. One image per forward pass, on one CPU thread, keeps every kernel, and so every caption,
+        the same whatever batch or process the image comes in. On a CPU it is no slower: images are decoded in
+        parallel threads (open_clip's CoCa re-runs the decoder over the whole prefix at every step anyway).
         """
         if num_captions <= 0:
             return [[] for _ in range(len(seeds))]
@@ -68,15 +76,34 @@ class Captioner(nn.Module):
         if len(pixels) != len(seeds):
             raise ValueError(f"{len(pixels)} images but {len(seeds)} seeds")
         device = next(self.model.parameters()).device
-        pixels = pixels.to(device).repeat_interleave(num_captions, dim=0)  # (N, 3, H, W), N = B * C
-        generators = []
-        for seed in seeds:
+        max_len = min(max_len, self.model.text.context_length)
+
+        def caption(image: torch.Tensor, seed: int) -> list[str]:
+            generators = []
             for j in range(num_captions):
                 g = torch.Generator()
                 g.manual_seed((int(seed) * 1_000_003 + j) % (2**63))
                 generators.append(g)
-        max_len = min(max_len, self.model.text.context_length)
+            batch = image.to(device)[None].expand(num_captions, -1, -1, -1)  # (C, 3, H, W)
+            tokens = self._decode_batch(batch, generators, top_p, temperature, max_len, min_len)
+            return [self._decode(row) for row in tokens.tolist()]
 
+        if device.type != "cpu":
+            return [caption(image, seed) for image, seed in zip(pixels, seeds)]
+        # On a CPU, kernels also split their sums by the intra-op thread count, which differs between one process
+        # and several sharing the cores: each image is decoded on one thread, images in parallel.
+        workers = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with ThreadPoolExecutor(workers) as pool:
+                return list(pool.map(caption, pixels, seeds))
+        finally:
+            torch.set_num_threads(workers)
+
+    def _decode_batch(self, pixels: torch.Tensor, generators: list[torch.Generator], top_p: float,
+                      temperature: float, max_len: int, min_len: int) -> torch.Tensor:
+        """Token ids (N, L) sampled for N image rows, row i drawing from generators[i]."""
+        device = pixels.device
         image_latent, image_embs = self.model._encode_image(pixels)
         tokens = torch.full((len(pixels), 1), self.sot_id, dtype=torch.long, device=device)  # (N, 1)
         done = torch.zeros(len(pixels), dtype=torch.bool, device=device)
@@ -95,8 +122,7 @@ class Captioner(nn.Module):
             done |= next_token == self.eot_id
             if bool(done.all()):
                 break
-        texts = [self._decode(row) for row in tokens.tolist()]
-        return [texts[i * num_captions:(i + 1) * num_captions] for i in range(len(seeds))]
+        return tokens
 
     def _decode(self, ids: list[int]) -> str:
         ids = ids[1:]
@@ -113,10 +139,8 @@ class Captioner(nn.Module):
 def _sample_top_p(logits: torch.Tensor, top_p: float, generators: list[torch.Generator]) -> torch.Tensor:
     """One token per row by nucleus sampling; row i uses only `generators[i]`. logits: (N, V) -> (N,)
 
-    The same logits computed in another batch, process or memory layout differ in their last bits (kernels pick
-    other code paths), and near-flat distributions would turn that noise into other tokens. So logits are snapped to
-    a 1/1024 grid and the distribution is built in float64 with a stable sort: the sample then depends on the
-    logits, not on their rounding noise.
+    The distribution is built in float64 with a stable sort from logits snapped to a 1/1024 grid, so that ties
+    and last-bit differences in the logits (another thread count, say) rarely change the token.
     """
     logits = torch.round(logits.double() * 1024) / 1024
     probs = torch.softmax(logits, dim=-1)  # (N, V) float64

@@ -173,7 +173,25 @@ def load_model(
                 f"cannot load {spec}: its files are not in the local cache and no network is reachable"
             ) from e
         raise UserInputError(f"cannot load {spec}: {_first_line(e)}") from e
+    if spec.kind == "arch":
+        _initialize_multimodal_decoder(model)
     return LoadedModel(model, preprocess, preprocess_train, tokenizer, spec, model_cfg)
+
+
+def _initialize_multimodal_decoder(model: torch.nn.Module) -> None:
+    """Give a random-weight CoCa decoder's vocabulary projection real initial weights.
+
+    open_clip's MultimodalTransformer allocates `text_projection` with torch.empty and its `init_parameters` is
+    never called (and cannot be: it reads a `transformer` attribute the class does not have). A CoCa built from
+    scratch therefore projects to the vocabulary through whatever memory the allocator hands back, values that
+    change with the process's earlier allocations and may be inf or NaN. This draws it as the text tower's own
+    projection is drawn, normal with std width ** -0.5, so random CoCa models are reproducible from the seed.
+    """
+    decoder = getattr(model, "text_decoder", None)
+    projection = getattr(decoder, "text_projection", None)
+    if isinstance(projection, torch.nn.Parameter):
+        with torch.no_grad():
+            torch.nn.init.normal_(projection, std=decoder.width ** -0.5)
 
 
 def _require_network(spec: ModelSpec) -> None:

@@ -70,11 +70,10 @@ def test_replay_gives_the_very_tensor_the_teachers_saw(data, tiny_model_dirs, tm
 
 
 def test_same_dataset_whatever_the_batch_size(data, tiny_model_dirs, tmp_path):
-    # Without a captioner: open_clip's CoCa decoding was seen to return non-finite logits for a random-weight
-    # captioner in some memory states (root cause open), so synthetic captions are not yet batch-invariant.
     teachers = [str(tiny_model_dirs["teacher_a"]), str(tiny_model_dirs["teacher_b"])]
-    reinforce(str(data), teachers, tmp_path / "a", _config(batch_size=3, num_captions=0), progress=False)
-    reinforce(str(data), teachers, tmp_path / "b", _config(batch_size=64, num_captions=0), progress=False)
+    captioners = [str(tiny_model_dirs["captioner"])]
+    reinforce(str(data), teachers, tmp_path / "a", _config(batch_size=3), captioners=captioners, progress=False)
+    reinforce(str(data), teachers, tmp_path / "b", _config(batch_size=64), captioners=captioners, progress=False)
     a, b = _members(tmp_path / "a"), _members(tmp_path / "b")
     assert a.keys() == b.keys() and len(a) > 0
     for name in a:
@@ -212,11 +211,8 @@ def _reinforce_args(data: Path, dirs: dict, out: Path) -> list[str]:
 
 @pytest.mark.slow
 def test_two_processes_write_the_same_dataset_as_one(data, tiny_model_dirs, tmp_path):
-    # Without a captioner: see test_same_dataset_whatever_the_batch_size.
     def args(out):
-        a = _reinforce_args(data, tiny_model_dirs, out)
-        i = a.index("--captioner")
-        return a[:i] + a[i + 2:] + ["--num-captions", "0"]
+        return _reinforce_args(data, tiny_model_dirs, out)
 
     one = _cli([sys.executable, "-m", "distill", *args(tmp_path / "one")])
     assert one.wait(timeout=600) == 0, one.stderr.read()
