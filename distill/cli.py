@@ -171,6 +171,54 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from export.exporter import ExportConfig, export_model
+
+    formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
+    config = ExportConfig(formats=formats, quantize=args.quantize, data=args.data, split=args.split,
+                          coreml_target=args.coreml_target, coreml_compress=args.coreml_compress,
+                          overwrite=args.overwrite, extra={"command": " ".join(sys.argv)})
+    report = export_model(args.model, args.out, config)
+    for name, entry in report["files"].items():
+        if entry.get("kept") is False:
+            continue
+        parity = ("spec checked" if entry["min_cosine"] is None
+                  else f"max abs diff {entry['max_abs_diff']:.2e}, min cosine {entry['min_cosine']:.6f}")
+        print(f"  {name}: {entry['precision']}, {parity}")
+    if report.get("zeroshot"):
+        z = report["zeroshot"]
+        print(f"  zero-shot top-1 on {z['split']}: fp32 {100 * z['fp32_top1']:.1f}%, int8 {100 * z['int8_top1']:.1f}% "
+              f"({z['top1_change_points']:+.1f} points)")
+    if report.get("coreml_note"):
+        print(f"  note: {report['coreml_note']}")
+    print(f"wrote {args.out} in {report['wall_s']} s")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from export.bench import BenchConfig, bench_export, format_bench_table
+
+    try:
+        threads = tuple(int(t) for t in args.threads.split(",")) if args.threads else None
+    except ValueError as e:
+        raise UserInputError(f"--threads takes comma-separated integers, not {args.threads!r}") from e
+    result = bench_export(args.path, BenchConfig(runs=args.runs, warmup=args.warmup, threads=threads,
+                                                 torch_eager=not args.no_torch))
+    _write_json(result, args.json)
+    print(format_bench_table(result))
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from export.report import write_report
+
+    if args.latency_runs < 1:
+        raise UserInputError("--latency-runs must be at least 1")
+    result = write_report(args.run_dirs, args.out, latency_runs=args.latency_runs)
+    print(f"wrote {args.out}: {len(result['rows'])} runs; Pareto front: {', '.join(result['pareto']) or 'none'}")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------------- parser
 
 
@@ -256,6 +304,37 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     ds.add_argument("overrides", nargs="*", help="recipe overrides, key=value (e.g. loss.w_kd=0.5)")
     ds.set_defaults(func=_cmd_distill)
+
+    ex = commands.add_parser("export", help="export the image and text towers to ONNX / CoreML, checked against "
+                                            "PyTorch")
+    ex.add_argument("--model", required=True, help="model spec (a model directory, ARCH, ARCH@TAG, hf-hub:...)")
+    ex.add_argument("--out", required=True, help="export directory to create")
+    ex.add_argument("--format", default="onnx,coreml", help="comma-separated: onnx, coreml (default: both)")
+    ex.add_argument("--quantize", default=None, choices=["int8"], help="also write int8 ONNX towers")
+    ex.add_argument("--data", default=None,
+                    help="dataset root: real parity inputs, int8 calibration images and the zero-shot top-1 change")
+    ex.add_argument("--split", default="test", help="split of --data for parity inputs and zero-shot accuracy")
+    ex.add_argument("--coreml-target", default="iOS17", help="CoreML minimum deployment target")
+    ex.add_argument("--coreml-compress", default=None, choices=["palettize", "int8"],
+                    help="CoreML weight compression: 6-bit k-means palettization or int8 linear")
+    ex.add_argument("--overwrite", action="store_true", help="replace an existing export directory")
+    ex.set_defaults(func=_cmd_export)
+
+    bn = commands.add_parser("bench", help="batch-1 latency of an export directory (onnxruntime vs PyTorch eager)")
+    bn.add_argument("path", help="export directory (what `mobiledistill export` wrote)")
+    bn.add_argument("--json", default=None, help="write the result as JSON to this file")
+    bn.add_argument("--runs", type=int, default=50, help="timed runs per row (after the warm-up)")
+    bn.add_argument("--warmup", type=int, default=10, help="discarded warm-up runs per row")
+    bn.add_argument("--threads", default=None, help="comma-separated thread counts (default: 1 and all cores)")
+    bn.add_argument("--no-torch", action="store_true", help="skip the PyTorch eager rows")
+    bn.set_defaults(func=_cmd_bench)
+
+    rp = commands.add_parser("report", help="one HTML page comparing runs: accuracy, latency, Pareto plot, curves")
+    rp.add_argument("run_dirs", nargs="+", help="run or model directories")
+    rp.add_argument("--out", required=True, help="HTML file to write")
+    rp.add_argument("--latency-runs", type=int, default=20,
+                    help="timed runs when a run has no bench JSON and latency is measured on PyTorch eager")
+    rp.set_defaults(func=_cmd_report)
     return parser
 
 

@@ -1,0 +1,189 @@
+"""`mobiledistill bench`: batch-1 latency of an export directory's encoders next to eager PyTorch.
+
+Every ONNX file runs in onnxruntime on the CPU with one intra-op thread and with all cores; the eager PyTorch towers
+the files were exported from (reparameterized, as exported) run with the same thread counts. Warm-up runs are
+discarded; median and p90 of the timed runs are reported, and each row's ratio to eager PyTorch for the same tower
+and thread count. CoreML predictions are timed per compute unit on macOS only.
+"""
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from distill.errors import UserInputError
+
+__all__ = ["BenchConfig", "bench_export", "time_call", "format_bench_table", "COREML_ELSEWHERE"]
+
+COREML_ELSEWHERE = ("CoreML latency needs macOS or a device: run `mobiledistill bench EXPORT_DIR` on a Mac (it times "
+                    "each .mlpackage with compute units ALL and CPU_ONLY), or open the .mlpackage in Xcode and run a "
+                    "Performance report on a connected iPhone.")
+
+
+@dataclass
+class BenchConfig:
+    runs: int = 50
+    warmup: int = 10
+    threads: tuple[int, ...] | None = None  # None: (1, all cores)
+    torch_eager: bool = True
+    coreml: bool = True
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.runs < 1 or self.warmup < 0:
+            raise UserInputError("--runs must be at least 1 and --warmup at least 0")
+        if self.threads is not None and (not self.threads or min(self.threads) < 1):
+            raise UserInputError("thread counts must be positive")
+
+
+def time_call(fn: Callable[[], Any], runs: int, warmup: int) -> dict[str, float]:
+    """Median and p90 wall time of `fn()` in milliseconds over `runs` timed calls after `warmup` discarded ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1000)
+    times.sort()
+    p90 = times[min(len(times) - 1, int(np.ceil(0.9 * len(times))) - 1)]
+    return {"median_ms": statistics.median(times), "p90_ms": p90, "runs": runs}
+
+
+def bench_export(export_dir: str | Path, config: BenchConfig | None = None) -> dict[str, Any]:
+    """The `bench --json` result: `{"results": [{"file", "runtime", "threads", "batch", "median_ms", "p90_ms",
+    ...}], ...}` for every encoder in `export_dir`."""
+    from export.exporter import REPORT_NAME
+    from export.onnx_export import onnx_session
+
+    config = config or BenchConfig()
+    directory = Path(export_dir)
+    if not directory.is_dir():
+        raise UserInputError(f"export directory not found: {directory}")
+    if not (directory / REPORT_NAME).is_file():
+        raise UserInputError(f"{directory} is not a finished export: {REPORT_NAME} is missing")
+    report = json.loads((directory / REPORT_NAME).read_text())
+    preprocess = json.loads((directory / "preprocess.json").read_text())
+    tokenizer = json.loads((directory / "tokenizer.json").read_text())
+    inputs = {"image": _image_input(preprocess), "text": _text_input(tokenizer)}
+    threads = config.threads or tuple(sorted({1, os.cpu_count() or 1}))
+
+    onnx_files = sorted(directory.glob("*_encoder*.onnx"))
+    eager = _eager_towers(report["model"]) if config.torch_eager else {}
+    jobs = [(f, t) for f in onnx_files for t in threads] + [(tower, t) for tower in eager for t in threads]
+    results = []
+    bar = tqdm(jobs, desc="bench", disable=not config.progress, leave=False)
+    for target, num_threads in bar:
+        if isinstance(target, Path):
+            tower = target.name.split("_", 1)[0]
+            bar.set_postfix_str(f"{target.name}, {num_threads} thread(s)")
+            session = onnx_session(target, threads=num_threads)
+            feed = {session.get_inputs()[0].name: inputs[tower]}
+            timing = time_call(lambda s=session, f=feed: s.run(None, f), config.runs, config.warmup)
+            precision = "int8" if ".int8." in target.name else "fp32"
+            results.append({"file": target.name, "runtime": "onnxruntime", "tower": tower, "precision": precision,
+                            "threads": num_threads, "batch": 1, **timing})
+        else:
+            tower = target
+            bar.set_postfix_str(f"torch {tower} tower, {num_threads} thread(s)")
+            module, example = eager[tower], torch.from_numpy(inputs[tower])
+            previous = torch.get_num_threads()
+            torch.set_num_threads(num_threads)
+            try:
+                with torch.inference_mode():
+                    timing = time_call(lambda m=module, x=example: m(x), config.runs, config.warmup)
+            finally:
+                torch.set_num_threads(previous)
+            results.append({"file": f"{tower}_encoder (eager)", "runtime": "torch", "tower": tower,
+                            "precision": "fp32", "threads": num_threads, "batch": 1, **timing})
+    bar.close()
+
+    eager_ms = {(r["tower"], r["threads"]): r["median_ms"] for r in results if r["runtime"] == "torch"}
+    for row in results:
+        reference = eager_ms.get((row["tower"], row["threads"]))
+        row["ratio_to_torch"] = round(row["median_ms"] / reference, 4) if reference else None
+
+    coreml: dict[str, Any]
+    if not config.coreml or not list(directory.glob("*.mlpackage")):
+        coreml = {"status": "skipped", "message": "no .mlpackage in the export" if config.coreml else "not asked"}
+    elif platform.system() == "Darwin":
+        coreml = {"status": "measured"}
+        results += _bench_coreml(directory, inputs, config)
+    else:
+        coreml = {"status": "needs macOS", "message": COREML_ELSEWHERE}
+    return {"results": results, "model": report["model"], "export_dir": str(directory), "coreml": coreml,
+            "eager_note": "torch rows: the reparameterized eager model in inference_mode, same thread count",
+            "machine": {"system": platform.system(), "machine": platform.machine(), "cpu_count": os.cpu_count(),
+                        "processor": platform.processor()},
+            "config": {"runs": config.runs, "warmup": config.warmup, "threads": list(threads)}}
+
+
+def _image_input(preprocess: dict[str, Any]) -> np.ndarray:
+    height, width = preprocess["size"]
+    return np.random.default_rng(0).standard_normal((1, 3, height, width)).astype(np.float32)
+
+
+def _text_input(tokenizer: dict[str, Any]) -> np.ndarray:
+    """A real caption's ids (the tokenizer's first worked example), padded to the context length."""
+    ids = np.zeros((1, tokenizer["context_length"]), dtype=np.int32)
+    example = tokenizer["examples"][0]["ids"][: tokenizer["context_length"]]
+    ids[0, : len(example)] = example
+    return ids
+
+
+def _eager_towers(spec: str) -> dict[str, torch.nn.Module]:
+    """The eager towers the export was made from; none when the model can no longer be loaded (moved, offline)."""
+    from export.towers import ImageEncoder, TextEncoder, prepare_for_export
+    from teachers.specs import load_model
+
+    try:
+        loaded = load_model(spec, warn_random=False)
+    except UserInputError:
+        return {}
+    model = prepare_for_export(loaded.model).model
+    return {"image": ImageEncoder(model).eval(), "text": TextEncoder(model).eval()}
+
+
+def _bench_coreml(directory: Path, inputs: dict[str, np.ndarray], config: BenchConfig) -> list[dict[str, Any]]:
+    """CoreML predictions per compute unit (macOS only)."""
+    import coremltools as ct
+    from PIL import Image
+
+    rows = []
+    for path in sorted(directory.glob("*_encoder.mlpackage")):
+        tower = path.name.split("_", 1)[0]
+        if tower == "image":
+            height, width = inputs["image"].shape[2:]
+            feed = {"image": Image.new("RGB", (width, height), (128, 128, 128))}
+        else:
+            feed = {"text": inputs["text"]}
+        for units in ("ALL", "CPU_ONLY"):
+            model = ct.models.MLModel(str(path), compute_units=getattr(ct.ComputeUnit, units))
+            timing = time_call(lambda m=model, f=feed: m.predict(f), config.runs, config.warmup)
+            rows.append({"file": path.name, "runtime": "coreml", "compute_units": units, "tower": tower,
+                         "precision": "see export_report.json", "threads": None, "batch": 1, **timing,
+                         "ratio_to_torch": None})
+    return rows
+
+
+def format_bench_table(result: dict[str, Any]) -> str:
+    """The result as a Markdown table (what docs/BENCHMARKS.md records)."""
+    lines = ["| file | runtime | threads | median ms | p90 ms | ratio to torch |", "|---|---|---|---|---|---|"]
+    for r in result["results"]:
+        ratio = "-" if r.get("ratio_to_torch") is None else f"{r['ratio_to_torch']:.2f}"
+        threads = r.get("compute_units") or r["threads"]
+        lines.append(f"| {r['file']} | {r['runtime']} | {threads} | {r['median_ms']:.2f} | {r['p90_ms']:.2f} | "
+                     f"{ratio} |")
+    if result["coreml"]["status"] != "measured":
+        lines.append("")
+        lines.append(f"CoreML: {result['coreml'].get('message', result['coreml']['status'])}")
+    return "\n".join(lines)

@@ -1,0 +1,159 @@
+"""The small files an app needs beside the encoders: preprocess.json, tokenizer.json and a README with snippets."""
+
+import json
+from typing import Any
+
+import torch
+
+from teachers.specs import LoadedModel
+
+__all__ = ["preprocess_json", "tokenizer_json", "export_readme", "TOKENIZER_EXAMPLES"]
+
+TOKENIZER_EXAMPLES = ("a photo of a dog.", "An emoji of a woman technologist!", "cat")
+
+
+def preprocess_json(loaded: LoadedModel) -> dict[str, Any]:
+    """Size, mean, std, interpolation and the resize rule of the image tower (open_clip's preprocess_cfg)."""
+    cfg = loaded.preprocess_cfg
+    size = cfg["size"]
+    height, width = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    return {
+        "size": [height, width],
+        "mean": [float(m) for m in cfg["mean"]],
+        "std": [float(s) for s in cfg["std"]],
+        "interpolation": cfg.get("interpolation", "bicubic"),
+        "resize_mode": cfg.get("resize_mode", "shortest"),
+        "steps": [f"resize the shorter side to {min(height, width)} ({cfg.get('interpolation', 'bicubic')})",
+                  f"center-crop to {height} x {width}", "RGB, scale to [0, 1]", "subtract mean, divide by std",
+                  "layout NCHW float32"],
+        "onnx_input": {"name": "image", "shape": ["batch", 3, height, width], "dtype": "float32",
+                       "normalized": True},
+        "coreml_input": {"name": "image", "type": "RGB image", "size": [height, width],
+                         "normalized": False, "note": "mean/std normalization is inside the CoreML model"},
+    }
+
+
+def tokenizer_json(loaded: LoadedModel) -> dict[str, Any]:
+    """Everything an app needs to turn text into the text tower's int32 input, with worked examples to test a port.
+
+    CLIP BPE tokenizers (open_clip's SimpleTokenizer) are written out in full: the byte-level vocabulary, the merge
+    list in rank order and the special tokens. Hugging Face tokenizers are embedded as their own tokenizer.json.
+    """
+    from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
+
+    tokenizer = loaded.tokenizer
+    context_length = int(getattr(tokenizer, "context_length", None) or loaded.model_cfg["text_cfg"]["context_length"])
+    result: dict[str, Any] = {"context_length": context_length, "input_name": "text", "dtype": "int32"}
+    if isinstance(tokenizer, SimpleTokenizer):
+        merges = sorted(tokenizer.bpe_ranks, key=tokenizer.bpe_ranks.get)
+        result.update({
+            "kind": "clip_bpe",
+            "clean": _clean_name(tokenizer),
+            "sot_token_id": tokenizer.sot_token_id,
+            "eot_token_id": tokenizer.eot_token_id,
+            "pad_token_id": 0,
+            "layout": "[sot] + bpe(text) + [eot], truncated to context_length with eot kept last, padded with 0",
+            "pattern": tokenizer.pat.pattern,
+            "vocab": tokenizer.encoder,
+            "merges": [" ".join(pair) for pair in merges],
+        })
+    elif isinstance(tokenizer, HFTokenizer):
+        hf = tokenizer.tokenizer
+        result.update({
+            "kind": "huggingface",
+            "clean": _clean_name(tokenizer),
+            "strip_sep_token": bool(getattr(tokenizer, "strip_sep_token", False)),
+            "pad_token_id": int(hf.pad_token_id or 0),
+            "layout": "the Hugging Face tokenizer with its special tokens, truncated and padded to context_length",
+            "hf_tokenizer": json.loads(hf.backend_tokenizer.to_str()) if hasattr(hf, "backend_tokenizer") else None,
+        })
+    else:
+        result.update({"kind": type(tokenizer).__name__,
+                       "note": "no portable description for this tokenizer; the examples show its output"})
+    ids = tokenizer(list(TOKENIZER_EXAMPLES)).to(torch.int32)
+    result["examples"] = [{"text": text, "ids": [int(i) for i in row[: _length(row)]]}
+                          for text, row in zip(TOKENIZER_EXAMPLES, ids)]
+    return result
+
+
+def _length(row: torch.Tensor) -> int:
+    nonzero = (row != 0).nonzero()
+    return int(nonzero[-1]) + 1 if len(nonzero) else 0
+
+
+def _clean_name(tokenizer) -> str:
+    name = getattr(getattr(tokenizer, "clean_fn", None), "__name__", "")
+    return name.removeprefix("_clean_") or "none"
+
+
+def export_readme(report: dict[str, Any], preprocess: dict[str, Any], tokenizer: dict[str, Any]) -> str:
+    """A short README for the export directory: what each file is, and Python and Swift snippets."""
+    files = report["files"]
+    height, width = preprocess["size"]
+    lines = [f"# Exported encoders of `{report['model']}`", "",
+             f"Written by `mobiledistill export`. Embeddings are {report['embed_dim']}-d and L2-normalized, so the "
+             "similarity of an image and a text is the dot product of their embeddings.", "",
+             "| file | tower | precision | max abs diff | min cosine | checked by |", "|---|---|---|---|---|---|"]
+    for name, entry in files.items():
+        diff = "-" if entry.get("max_abs_diff") is None else f"{entry['max_abs_diff']:.2e}"
+        cos = "-" if entry.get("min_cosine") is None else f"{entry['min_cosine']:.6f}"
+        lines.append(f"| `{name}` | {entry['tower']} | {entry['precision']} | {diff} | {cos} | {entry['checked_by']} |")
+    lines += ["", "`preprocess.json`: resize, crop and normalization of the image input. `tokenizer.json`: the "
+              f"tokenizer ({tokenizer['kind']}, context length {tokenizer['context_length']}, int32 ids) with worked "
+              "examples to test a port against. `export_report.json`: the parity numbers above and how they were "
+              "measured.", ""]
+    if report.get("coreml_note"):
+        lines += [report["coreml_note"], ""]
+    text_file = "text_encoder.onnx"
+    if tokenizer["kind"] == "clip_bpe":
+        tokenize = ["from open_clip.tokenizer import SimpleTokenizer  # CLIP's BPE: the vocab and merges in "
+                    "tokenizer.json",
+                    "tokenize = SimpleTokenizer(context_length=tok[\"context_length\"], clean=tok[\"clean\"])",
+                    "ids = tokenize([\"a photo of a dog.\"]).numpy().astype(np.int32)"]
+    elif tokenizer["kind"] == "huggingface":
+        tokenize = ["from tokenizers import Tokenizer",
+                    "hf = Tokenizer.from_str(json.dumps(tok[\"hf_tokenizer\"]))",
+                    "hf.enable_truncation(tok[\"context_length\"])",
+                    "hf.enable_padding(length=tok[\"context_length\"], pad_id=tok[\"pad_token_id\"])",
+                    "ids = np.array([hf.encode(\"a photo of a dog.\").ids], dtype=np.int32)"]
+    else:
+        tokenize = ["ids = np.array([tok[\"examples\"][0][\"ids\"]], dtype=np.int32)  # pad to context_length"]
+    lines += ["## Python (onnxruntime)", "", "```python", "import json", "", "import numpy as np",
+              "import onnxruntime as ort", "from PIL import Image", "",
+              "pre = json.load(open(\"preprocess.json\"))", "tok = json.load(open(\"tokenizer.json\"))",
+              "image_encoder = ort.InferenceSession(\"image_encoder.onnx\")",
+              f"text_encoder = ort.InferenceSession(\"{text_file}\")", "",
+              "h, w = pre[\"size\"]",
+              "image = Image.open(\"photo.jpg\").convert(\"RGB\")",
+              "scale = max(h / image.height, w / image.width)",
+              "image = image.resize((round(image.width * scale), round(image.height * scale)), Image.BICUBIC)",
+              "left, top = (image.width - w) // 2, (image.height - h) // 2",
+              "image = image.crop((left, top, left + w, top + h))",
+              "x = (np.asarray(image, dtype=np.float32) / 255 - pre[\"mean\"]) / pre[\"std\"]",
+              "x = x.transpose(2, 0, 1)[None].astype(np.float32)  # (1, 3, H, W)",
+              *tokenize,
+              "image_embedding = image_encoder.run(None, {\"image\": x})[0]  # (1, D), unit length",
+              "text_embedding = text_encoder.run(None, {\"text\": ids})[0]  # (1, D), unit length",
+              "print(\"similarity\", float(image_embedding @ text_embedding.T))", "```", ""]
+    lines += ["## Swift (CoreML)", "",
+              "Add `image_encoder.mlpackage` and `text_encoder.mlpackage` to the Xcode project (Xcode compiles them "
+              "and generates the `image_encoder` / `text_encoder` classes). The image input takes a "
+              f"{width} x {height} RGB `CVPixelBuffer` (center-cropped as `preprocess.json` says); the normalization "
+              "is inside the model. Token ids come from a port of `tokenizer.json`; its `examples` are the ids to "
+              "expect.", "", "```swift", "import CoreML", "",
+              "func similarity(pixelBuffer: CVPixelBuffer, tokenIds: [Int32]) throws -> Float {",
+              "    let config = MLModelConfiguration()",
+              "    config.computeUnits = .all",
+              "    let imageModel = try image_encoder(configuration: config)",
+              "    let textModel = try text_encoder(configuration: config)",
+              "    let imageEmbedding = try imageModel.prediction(image: pixelBuffer).image_embedding",
+              f"    let text = try MLMultiArray(shape: [1, {tokenizer['context_length']}], dataType: .int32)",
+              "    for (i, id) in tokenIds.enumerated() { text[[0, i] as [NSNumber]] = NSNumber(value: id) }",
+              "    let textEmbedding = try textModel.prediction(text: text).text_embedding",
+              "    var dot: Float = 0  // both embeddings are unit length: the dot product is the cosine",
+              "    for i in 0..<imageEmbedding.count {",
+              "        dot += imageEmbedding[i].floatValue * textEmbedding[i].floatValue",
+              "    }",
+              "    return dot",
+              "}", "```", ""]
+    return "\n".join(lines)
