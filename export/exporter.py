@@ -202,7 +202,7 @@ def _export_into(loaded: LoadedModel, directory: Path, config: ExportConfig) -> 
     _write_json(directory / REPORT_NAME, report)  # last: its presence marks a finished export
     bar.update()
     bar.close()
-    return report
+    return json.loads((directory / REPORT_NAME).read_text())  # what readers of the file see (lists, not tuples)
 
 
 @dataclass

@@ -134,7 +134,7 @@ def export_readme(report: dict[str, Any], preprocess: dict[str, Any], tokenizer:
               *tokenize,
               "image_embedding = image_encoder.run(None, {\"image\": x})[0]  # (1, D), unit length",
               "text_embedding = text_encoder.run(None, {\"text\": ids})[0]  # (1, D), unit length",
-              "print(\"similarity\", float(image_embedding @ text_embedding.T))", "```", ""]
+              "print(\"similarity\", float(image_embedding[0] @ text_embedding[0]))", "```", ""]
     lines += ["## Swift (CoreML)", "",
               "Add `image_encoder.mlpackage` and `text_encoder.mlpackage` to the Xcode project (Xcode compiles them "
               "and generates the `image_encoder` / `text_encoder` classes). The image input takes a "

@@ -198,6 +198,10 @@ def write_report(run_dirs: list[str | Path], out: str | Path, latency_runs: int 
     if not run_dirs:
         raise UserInputError("report needs at least one run directory")
     out = Path(out)
+    for d in run_dirs:  # every input checked before any slow work
+        if not (Path(d) / "open_clip_config.json").is_file():
+            raise UserInputError(f"run directory not found: {d}" if not Path(d).is_dir()
+                                 else f"{d} is not a model directory: open_clip_config.json is missing")
     rows = [summarize_run(d, latency_runs) for d in tqdm(run_dirs, desc="report", disable=not progress, leave=False)]
     names = [r["name"] for r in rows]
     for r in rows:  # two runs named alike (a/kd, b/kd) are told apart by their parent
