@@ -151,7 +151,7 @@ def _export_into(loaded: LoadedModel, directory: Path, config: ExportConfig) -> 
         calibration = _calibration_images(loaded, config, max(height, width))
         for tower in towers.values():
             bar.set_postfix_str(f"{tower.name} tower -> int8")
-            files[tower.int8_name] = _quantize_tower(tower, directory, calibration, int8_bound)
+            files[tower.int8_name] = _quantize_tower(tower, directory, calibration, int8_bound, config.progress)
             bar.update()
         if config.data is not None:
             bar.set_postfix_str("zero-shot fp32 vs int8")
@@ -185,6 +185,7 @@ def _export_into(loaded: LoadedModel, directory: Path, config: ExportConfig) -> 
         "formats": list(config.formats),
         "quantize": config.quantize,
         "reparameterized_modules": len(prepared.reparameterized),
+        "attention_layers_rewritten": prepared.attention_rewritten,
         "parity_inputs": {"source": inputs.source, "num_images": len(inputs.images), "num_texts": len(inputs.texts),
                           "batches_checked": [1, len(inputs.images)]},
         "bounds": {"fp32": {"max_abs_diff": fp32_bound.max_abs_diff, "min_cosine": fp32_bound.min_cosine},
@@ -279,19 +280,27 @@ def _calibration_images(loaded: LoadedModel, config: ExportConfig, size: int) ->
     return torch.stack([loaded.preprocess(im) for im in inputs.images])  # (N, 3, H, W)
 
 
-def _quantize_tower(tower: _Tower, directory: Path, calibration: torch.Tensor, bound) -> dict[str, Any]:
+def _quantize_tower(tower: _Tower, directory: Path, calibration: torch.Tensor, bound, progress: bool
+                    ) -> dict[str, Any]:
     from export.onnx_export import onnx_session, run_onnx
-    from export.quantize import quantization_method, quantize_onnx
+    from export.quantize import quantization_method, quantize_within_bound
 
     fp32_path, int8_path = directory / tower.onnx_name, directory / tower.int8_name
     method = quantization_method(fp32_path, tower.name)
     batches = [x[None] for x in calibration.numpy()] if method == "static_qdq" else None
-    quantize_onnx(fp32_path, int8_path, method, batches, tower.input_name)
+
+    def min_cosine_of(path: Path) -> float:
+        metrics = _onnx_metrics(onnx_session(path), tower, run_onnx)
+        return metrics["min_cosine"] if np.isfinite(metrics["min_cosine"]) else float("-inf")
+
+    outcome = quantize_within_bound(fp32_path, int8_path, method, min_cosine_of, bound.min_cosine, batches,
+                                    tower.input_name, progress)
     session = onnx_session(int8_path)
     metrics = _onnx_metrics(session, tower, run_onnx)
     check_parity(tower.int8_name, metrics, bound)
     return _file_entry(int8_path, tower, "int8", metrics, session, method=method,
-                       calibration_samples=len(calibration) if batches else 0)
+                       calibration_samples=len(calibration) if batches else 0, per_channel=outcome["per_channel"],
+                       float32_nodes=outcome["excluded_nodes"])
 
 
 def _zero_shot_change(loaded: LoadedModel, directory: Path, towers: dict, config: ExportConfig) -> dict[str, Any]:

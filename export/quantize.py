@@ -7,15 +7,17 @@ calibrated on real images, the format mobile runtimes (NNAPI, XNNPACK, CoreML's 
 """
 
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from export.onnx_export import count_ops
 from export.parity import ExportError
 
-__all__ = ["quantization_method", "quantize_onnx", "CONV_TOWER_MIN_CONVS"]
+__all__ = ["quantization_method", "quantize_onnx", "quantize_within_bound", "weight_nodes", "CONV_TOWER_MIN_CONVS"]
 
 # A ViT has exactly one Conv (its patch embedding); a convolutional stem alone has a few. More than this many
 # Conv nodes means the tower is mostly convolutional.
@@ -30,8 +32,10 @@ def quantization_method(onnx_path: str | Path, tower: str) -> str:
 
 
 def quantize_onnx(fp32_path: str | Path, int8_path: str | Path, method: str,
-                  calibration: Iterable[np.ndarray] | None = None, input_name: str = "image") -> Path:
-    """Write the int8 version of `fp32_path`; `calibration` yields (1, ...) input arrays for static QDQ."""
+                  calibration: Iterable[np.ndarray] | None = None, input_name: str = "image", per_channel: bool = False,
+                  nodes_to_quantize: list[str] | None = None, nodes_to_exclude: list[str] | None = None) -> Path:
+    """Write the int8 version of `fp32_path`; `calibration` yields (1, ...) input arrays for static QDQ (which is
+    always per channel). `nodes_to_quantize` / `nodes_to_exclude` restrict which nodes become int8."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         QuantFormat,
@@ -42,16 +46,19 @@ def quantize_onnx(fp32_path: str | Path, int8_path: str | Path, method: str,
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     fp32_path, int8_path = Path(fp32_path), Path(int8_path)
+    selection = {"nodes_to_quantize": nodes_to_quantize, "nodes_to_exclude": nodes_to_exclude}
     try:
         if method == "dynamic":
-            quantize_dynamic(str(fp32_path), str(int8_path), weight_type=QuantType.QInt8)
+            quantize_dynamic(str(fp32_path), str(int8_path), weight_type=QuantType.QInt8, per_channel=per_channel,
+                             **selection)
         elif method == "static_qdq":
             if calibration is None:
                 raise ValueError("static quantization needs calibration inputs")
+            batches = list(calibration)
 
             class _Reader(CalibrationDataReader):
                 def __init__(self):
-                    self.batches = iter(calibration)
+                    self.batches = iter(batches)
 
                 def get_next(self):
                     batch = next(self.batches, None)
@@ -63,7 +70,8 @@ def quantize_onnx(fp32_path: str | Path, int8_path: str | Path, method: str,
                 prepared = Path(work) / "prepared.onnx"
                 quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
                 quantize_static(str(prepared), str(int8_path), _Reader(), quant_format=QuantFormat.QDQ,
-                                per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+                                per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                                **selection)
         else:
             raise ValueError(f"unknown quantization method {method!r}")
     except (ValueError, RuntimeError, KeyError, TypeError) as e:
@@ -71,3 +79,57 @@ def quantize_onnx(fp32_path: str | Path, int8_path: str | Path, method: str,
         text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ExportError(f"cannot quantize {fp32_path.name} ({method}): {text}") from e
     return int8_path
+
+
+def weight_nodes(onnx_path: str | Path, method: str) -> list[str]:
+    """Names of the nodes quantization turns int8: matrix products (and convolutions for static QDQ) with a
+    constant weight."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    constants = {t.name for t in graph.initializer}
+    op_types = {"MatMul", "Gemm"} | ({"Conv"} if method == "static_qdq" else set())
+    return [n.name for n in graph.node if n.op_type in op_types and any(i in constants for i in n.input)]
+
+
+def quantize_within_bound(fp32_path: str | Path, int8_path: str | Path, method: str,
+                          min_cosine_of: Callable[[Path], float], min_cosine: float,
+                          calibration: Iterable[np.ndarray] | None = None, input_name: str = "image",
+                          progress: bool = False) -> dict[str, Any]:
+    """int8 with as many nodes quantized as the cosine bound allows.
+
+    First everything, per tensor (fastest kernels), then per channel. When both miss the bound (a pretrained
+    BERT-style text tower with outlier weights does), each weight node is quantized alone to measure its
+    sensitivity, and the most sensitive ones are kept in float32, 1, 2, 4, ... of them, until the bound holds:
+    mixed precision instead of no int8 at all. Returns how it ended: `per_channel`, `excluded_nodes`,
+    `min_cosine`; raises `ExportError` when even that cannot meet the bound.
+    """
+    fp32_path, int8_path = Path(fp32_path), Path(int8_path)
+    calibration = list(calibration) if calibration is not None else None
+    common = {"calibration": calibration, "input_name": input_name}
+    attempts = [False, True] if method == "dynamic" else [True]
+    cosine = float("-inf")
+    for per_channel in attempts:
+        quantize_onnx(fp32_path, int8_path, method, per_channel=per_channel, **common)
+        cosine = min_cosine_of(int8_path)
+        if cosine >= min_cosine:
+            return {"per_channel": per_channel, "excluded_nodes": [], "min_cosine": cosine}
+    nodes = weight_nodes(fp32_path, method)
+    sensitivity = []
+    with tempfile.TemporaryDirectory(dir=int8_path.parent) as work:
+        probe = Path(work) / "probe.onnx"
+        for name in tqdm(nodes, desc=f"int8 sensitivity of {fp32_path.name}", disable=not progress, leave=False):
+            quantize_onnx(fp32_path, probe, method, per_channel=True, nodes_to_quantize=[name], **common)
+            sensitivity.append((min_cosine_of(probe), name))
+    ranked = [name for _, name in sorted(sensitivity)]  # most sensitive first
+    count, tried = 1, 0
+    while count < len(ranked):
+        excluded, tried = ranked[:count], count
+        quantize_onnx(fp32_path, int8_path, method, per_channel=True, nodes_to_exclude=excluded, **common)
+        cosine = min_cosine_of(int8_path)
+        if cosine >= min_cosine:
+            return {"per_channel": True, "excluded_nodes": excluded, "min_cosine": cosine}
+        count *= 2
+    int8_path.unlink(missing_ok=True)
+    raise ExportError(f"{int8_path.name} misses its parity bound: min cosine {cosine:.6f} < {min_cosine:g} even with "
+                      f"the {tried} most sensitive of {len(ranked)} weight nodes kept in float32")

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ImageEncoder", "TextEncoder", "PreparedModel", "prepare_for_export", "IMAGE_INPUT", "TEXT_INPUT",
-           "IMAGE_OUTPUT", "TEXT_OUTPUT"]
+__all__ = ["ImageEncoder", "TextEncoder", "ExportableSelfAttention", "PreparedModel", "prepare_for_export",
+           "IMAGE_INPUT", "TEXT_INPUT", "IMAGE_OUTPUT", "TEXT_OUTPUT"]
 
 IMAGE_INPUT, TEXT_INPUT = "image", "text"
 # Not "embedding": the exporter already names the text tower's token-embedding value that way.
@@ -54,19 +54,67 @@ class TextEncoder(nn.Module):
         return F.normalize(self.model.encode_text(text.long()), dim=-1)  # (B, D)
 
 
+class ExportableSelfAttention(nn.MultiheadAttention):
+    """`nn.MultiheadAttention` whose self-attention traces to a short graph: one packed QKV projection, head
+    reshapes, two matrix products and a softmax.
+
+    PyTorch's generic `multi_head_attention_forward` traces to about 40 small ONNX nodes per layer (sequence-first
+    transposes, per-projection views, dynamic-shape arithmetic); at phone-sized widths their per-node cost outweighs
+    the matrix products, and no onnxruntime fusion recognizes the pattern. Same parameters, same math; anything
+    but plain batch-first self-attention (cross-attention, key padding masks, returned weights) takes the parent's
+    path.
+    """
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        plain = (key is query and value is query and self.batch_first and self._qkv_same_embed_dim
+                 and key_padding_mask is None and not need_weights and not is_causal and self.bias_k is None
+                 and not self.add_zero_attn and (self.dropout == 0.0 or not self.training))
+        if not plain:
+            return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
+                                   attn_mask=attn_mask, average_attn_weights=average_attn_weights,
+                                   is_causal=is_causal)
+        batch, length, width = query.shape
+        heads, head_dim = self.num_heads, width // self.num_heads
+        qkv = F.linear(query, self.in_proj_weight, self.in_proj_bias)  # (B, L, 3 * E)
+        q, k, v = qkv.chunk(3, dim=-1)  # (B, L, E) each: one Split node
+        q = q.reshape(batch, length, heads, head_dim).transpose(1, 2) * head_dim ** -0.5  # (B, H, L, E / H)
+        k = k.reshape(batch, length, heads, head_dim).permute(0, 2, 3, 1)  # (B, H, E / H, L)
+        v = v.reshape(batch, length, heads, head_dim).transpose(1, 2)  # (B, H, L, E / H)
+        scores = q @ k  # (B, H, L, L)
+        if attn_mask is not None:
+            if attn_mask.dtype == torch.bool:  # MHA's boolean masks mark the positions to leave out
+                attn_mask = torch.zeros_like(attn_mask, dtype=q.dtype).masked_fill(attn_mask, float("-inf"))
+            if attn_mask.dim() == 3:  # (B * H, L, L) -> (B, H, L, L)
+                attn_mask = attn_mask.reshape(batch, heads, length, length)
+            scores = scores + attn_mask
+        # Written out rather than F.scaled_dot_product_attention, whose exported decomposition rebuilds K's
+        # transpose from dynamic shapes (Shape, Slice, Concat, Reshape) in every layer.
+        out = scores.softmax(dim=-1) @ v  # (B, H, L, E / H)
+        out = out.transpose(1, 2).reshape(batch, length, width)  # (B, L, E)
+        return self.out_proj(out), None
+
+
 @dataclass
 class PreparedModel:
-    model: nn.Module  # eval mode, reparameterized
+    model: nn.Module  # eval mode, reparameterized, attention in its exportable form
     reparameterized: list[str]  # names of the modules whose branches were folded
+    attention_rewritten: int = 0  # self-attention layers given the short graph (ExportableSelfAttention)
 
 
 def prepare_for_export(model: nn.Module) -> PreparedModel:
-    """Eval mode and MobileOne / FastViT reparameterization (timm), on a copy; the caller's model is untouched."""
+    """Eval mode, MobileOne / FastViT reparameterization (timm) and exportable self-attention, on a copy; the
+    caller's model is untouched. Every export is still checked against the caller's original model."""
     from timm.utils.model import reparameterize_model
 
     model = model.eval()
     folded = [name for name, module in model.named_modules() if name and hasattr(module, "reparameterize")]
     model = reparameterize_model(model, inplace=False).eval()
+    rewritten = 0
+    for module in model.modules():
+        if type(module) is nn.MultiheadAttention:
+            module.__class__ = ExportableSelfAttention  # same parameters and buffers, another forward
+            rewritten += 1
     for p in model.parameters():
         p.requires_grad_(False)
-    return PreparedModel(model, folded)
+    return PreparedModel(model, folded, rewritten)
