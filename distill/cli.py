@@ -162,6 +162,8 @@ def _cmd_distill(args: argparse.Namespace) -> int:
         if value is not None:
             overrides.append(f"{key}={value}")
     config = load_recipe(args.config, overrides)
+    if args.online_teacher:
+        config.online_teachers = list(args.online_teacher)
     summary = distill(args.data, args.out, config, images=args.images, resume=args.resume,
                       command=" ".join(sys.argv))
     if summary.get("evaluation"):
@@ -292,11 +294,15 @@ def build_parser() -> argparse.ArgumentParser:
     ins.set_defaults(func=_cmd_inspect)
 
     ds = commands.add_parser("distill", help="distill a student from a reinforced dataset")
-    ds.add_argument("--data", required=True, help="reinforced dataset directory")
+    ds.add_argument("--data", required=True, help="reinforced dataset directory (or image-text data with "
+                    "--online-teacher)")
     ds.add_argument("--images", default=None, help="image-text shards to join by key (embeddings-only datasets)")
     ds.add_argument("--student", default=None, help="student architecture (default: the recipe's)")
     ds.add_argument("--out", required=True, help="run directory (becomes an open_clip model directory)")
     ds.add_argument("--inherit-from", default=None, help="model spec to inherit weights from (TinyCLIP's manual rule)")
+    ds.add_argument("--online-teacher", action="append", default=None, metavar="SPEC",
+                    help="run this teacher in the loop instead of the stored embeddings (repeat for an ensemble); "
+                         "--data may then be plain image-text shards")
     ds.add_argument("--config", default=None, help="recipe YAML (recipes/*.yaml)")
     ds.add_argument("--steps", type=int, default=None)
     ds.add_argument("--batch-size", type=int, default=None)

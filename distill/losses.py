@@ -19,6 +19,25 @@ def soft_cross_entropy(target_probs: torch.Tensor, logits: torch.Tensor) -> torc
     return -(target_probs * logits.log_softmax(dim=-1)).sum(dim=-1).mean()
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _gather(features: torch.Tensor) -> torch.Tensor:
+    """Every process's rows in rank order (B_global, D). Gradients flow back to each process's own rows (the
+    all-gather's backward sums them across processes, as open_clip's `gather_with_grad`); a tensor without grad
+    is gathered as plain data."""
+    if not _distributed():
+        return features
+    if features.requires_grad:
+        import torch.distributed.nn.functional as dist_fn
+
+        return torch.cat(dist_fn.all_gather(features), dim=0)
+    parts = [torch.empty_like(features) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, features.contiguous())
+    return torch.cat(parts, dim=0)
+
+
 def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor | float
               ) -> torch.Tensor:
     """Symmetric InfoNCE (Radford et al., 2021): (CE(s I T^T, diag) + CE(s T I^T, diag)) / 2.
@@ -26,7 +45,7 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
     open_clip's `ClipLoss`; under torch.distributed the features of every process are gathered (with gradients for
     the local part), so each process contrasts against the global batch.
     """
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if _distributed():
         loss = open_clip.ClipLoss(local_loss=True, gather_with_grad=True, rank=dist.get_rank(),
                                   world_size=dist.get_world_size())
     else:
@@ -48,19 +67,22 @@ def ensemble_kd_loss(
     each text); the targets are the mean of P_k over teachers, taken after the softmax. The student's logits are
     s * I T^T. Loss = (CE(P_img->txt, student img->txt) + CE(P_txt->img, student txt->img)) / 2.
     With one teacher this is the `distill_loss` term of open_clip's `DistillClipLoss`.
+
+    Under torch.distributed each process holds the rows of its own b samples against the columns of the global
+    batch (B = b * world): the mean of the processes' losses is the one-process loss of the global batch.
     """
     if not (len(teacher_image_features) == len(teacher_text_features) == len(teacher_logit_scales) > 0):
         raise ValueError("need the same (non-zero) number of teacher image features, text features and scales")
-    logits_per_image = logit_scale * image_features @ text_features.T  # (B, B)
-    target_i2t = torch.zeros_like(logits_per_image)
-    target_t2i = torch.zeros_like(logits_per_image)
+    logits_i2t = logit_scale * image_features @ _gather(text_features).T  # (b, B)
+    logits_t2i = logit_scale * text_features @ _gather(image_features).T  # (b, B)
+    target_i2t = torch.zeros_like(logits_i2t)
+    target_t2i = torch.zeros_like(logits_t2i)
     for t_image, t_text, scale in zip(teacher_image_features, teacher_text_features, teacher_logit_scales):
-        t_logits = scale * t_image.float() @ t_text.float().T  # (B, B)
-        target_i2t += t_logits.softmax(dim=1)
-        target_t2i += t_logits.T.softmax(dim=1)
+        t_image, t_text = t_image.float(), t_text.float()
+        target_i2t += (scale * t_image @ _gather(t_text).T).softmax(dim=1)  # (b, B)
+        target_t2i += (scale * t_text @ _gather(t_image).T).softmax(dim=1)  # (b, B)
     n = len(teacher_logit_scales)
-    return (soft_cross_entropy(target_i2t / n, logits_per_image)
-            + soft_cross_entropy(target_t2i / n, logits_per_image.T)) / 2
+    return (soft_cross_entropy(target_i2t / n, logits_i2t) + soft_cross_entropy(target_t2i / n, logits_t2i)) / 2
 
 
 def affinity_mimicking_loss(
@@ -76,12 +98,16 @@ def affinity_mimicking_loss(
     Affinities A = softmax(s * I T^T) row-wise (image-to-text) and column-wise (text-to-image), with a fixed scale s
     (50 in the paper) for the student and the teacher's scale (default: the same). The student's affinities are
     pulled to the teacher's: L = (CE(A^t_I2T, A^s_I2T) + CE(A^t_T2I, A^s_T2I)) / 2.
+    Under torch.distributed, local rows against the global batch's columns (as `ensemble_kd_loss`).
     """
     teacher_logit_scale = logit_scale if teacher_logit_scale is None else teacher_logit_scale
-    student = logit_scale * image_features @ text_features.T  # (B, B)
-    teacher = teacher_logit_scale * teacher_image_features.float() @ teacher_text_features.float().T  # (B, B)
-    return (soft_cross_entropy(teacher.softmax(dim=1), student)
-            + soft_cross_entropy(teacher.T.softmax(dim=1), student.T)) / 2
+    t_image, t_text = teacher_image_features.float(), teacher_text_features.float()
+    student_i2t = logit_scale * image_features @ _gather(text_features).T  # (b, B)
+    student_t2i = logit_scale * text_features @ _gather(image_features).T  # (b, B)
+    teacher_i2t = teacher_logit_scale * t_image @ _gather(t_text).T  # (b, B)
+    teacher_t2i = teacher_logit_scale * t_text @ _gather(t_image).T  # (b, B)
+    return (soft_cross_entropy(teacher_i2t.softmax(dim=1), student_i2t)
+            + soft_cross_entropy(teacher_t2i.softmax(dim=1), student_t2i)) / 2
 
 
 def feature_distillation_loss(student_features: torch.Tensor, teacher_features: torch.Tensor,

@@ -32,6 +32,7 @@ class LossWeights:
 class DistillConfig:
     student: str = "md-student-tiny"
     inherit_from: str | None = None
+    online_teachers: list[str] = field(default_factory=list)  # run these teachers in the loop instead of stored ones
     steps: int = 300
     batch_size: int = 128
     lr: float = 1e-3

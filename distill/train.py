@@ -2,12 +2,15 @@
 
 Each step takes, per sample, one stored augmentation (random, or epoch % K), replays it at the student's
 resolution, and uses that view's stored teacher embeddings; the real caption and one random synthetic caption come
-with their stored text embeddings. Teachers cost nothing here. The losses are in `distill.losses`; their weights in
-the recipe (`distill.recipe`).
+with their stored text embeddings. Teachers cost nothing here. With `online_teachers` the teachers instead embed
+the same views and captions in the loop (open_clip / TinyCLIP style; plain image-text shards work too, with a
+fresh augmentation per epoch), for comparison. The losses are in `distill.losses`; their weights in the recipe
+(`distill.recipe`).
 
-The data stream is a pure function of (seed, epoch, sample order), so `--resume` reloads the last `save_state`
-checkpoint and skips the samples already consumed: it continues with the same data and the same losses as an
-uninterrupted run.
+The data stream is a pure function of (seed, epoch, sample order) and the same global batches are formed whatever
+the number of processes (each process takes its slice), so `--resume` reloads the last `save_state` checkpoint and
+skips the batches already consumed, and a run on W processes gives the losses of a one-process run with the same
+global batch (the losses contrast each process's rows against the gathered global batch).
 """
 
 import itertools
@@ -28,8 +31,14 @@ from distill.errors import UserInputError
 from distill.inherit import inherit_weights
 from distill.losses import affinity_mimicking_loss, clip_loss, ensemble_kd_loss, feature_distillation_loss
 from distill.recipe import DistillConfig
-from reinforced_data.augment import replay_augmentation
-from reinforced_data.reader import open_reinforced, read_info
+from reinforced_data.augment import (
+    AugmentationConfig,
+    augmentation_generator,
+    replay_augmentation,
+    sample_augmentation,
+)
+from reinforced_data.reader import index_images, open_reinforced, read_info
+from reinforced_data.shards import IMAGE_EXTENSIONS, decode_sample, iter_raw_samples, resolve_shards
 from teachers.model_dir import write_model_files
 from teachers.specs import load_model
 from teachers.train import cosine_with_warmup, optimizer_step, param_groups_for_weight_decay
@@ -37,44 +46,123 @@ from teachers.train import cosine_with_warmup, optimizer_step, param_groups_for_
 __all__ = ["distill", "compute_losses", "last_checkpoint"]
 
 
-class _ReinforcedStream(torch.utils.data.IterableDataset):
-    """Endless training tuples from a reinforced dataset (see the module docstring)."""
+class _TrainingStream(torch.utils.data.IterableDataset):
+    """Endless training examples: a shuffled global order that every process computes alike.
 
-    def __init__(self, path: str, images: str | None, info, size: int, mean, std, config: DistillConfig,
-                 rank: int, world: int):
+    Sample n of the global order (epochs one after another) belongs to the process owning its position in the
+    global batch, so with W processes of b samples each, process r's batch g is positions [r*b, (r+1)*b) of the
+    one-process run's batch g: the same global batches whatever W. Per-sample choices (which stored augmentation,
+    which synthetic caption) come from (seed, epoch, key). Images are decoded only by the process that uses them.
+    """
+
+    def __init__(self, samples, augmentation: AugmentationConfig, size: int, mean, std, config: DistillConfig,
+                 rank: int, world: int, local_batch: int, teacher_views: bool):
         super().__init__()
-        self.path, self.images, self.info, self.size = path, images, info, size
+        self.samples, self.augmentation, self.size = samples, augmentation, size
         self.mean = torch.tensor(mean).view(3, 1, 1)
         self.std = torch.tensor(std).view(3, 1, 1)
-        self.config, self.rank, self.world = config, rank, world
+        self.config, self.rank, self.world, self.local_batch = config, rank, world, local_batch
+        self.teacher_views = teacher_views
+        self.skipped = 0
 
     def __iter__(self):
         cfg = self.config
+        global_batch = self.local_batch * self.world
+        position = 0
         for epoch in itertools.count():
-            rng = random.Random(f"{cfg.seed}/{epoch}")
-            pool, seen = [], 0
-            for i, sample in enumerate(open_reinforced(self.path, self.images)):
-                if i % self.world != self.rank or sample["image"] is None:
-                    continue
+            order = random.Random(f"{cfg.seed}/{epoch}")
+            seen = 0
+            for sample in _shuffle_buffer(self.samples(), order, cfg.shuffle_buffer):
                 seen += 1
-                pool.append(sample)
-                if len(pool) >= cfg.shuffle_buffer:
-                    yield self._example(pool.pop(rng.randrange(len(pool))), epoch, rng)
+                owner = (position % global_batch) // self.local_batch
+                position += 1
+                if owner == self.rank:
+                    example = self._example(sample, epoch)
+                    if example is not None:
+                        yield example
             if seen == 0:
-                raise UserInputError(f"{self.path} has no samples with images (pass the image shards to join)")
-            rng.shuffle(pool)
-            while pool:
-                yield self._example(pool.pop(), epoch, rng)
+                raise UserInputError("the training data has no samples with images (for an embeddings-only "
+                                     "dataset pass the image shards with --images)")
 
-    def _example(self, sample: dict[str, Any], epoch: int, rng: random.Random):
-        k_total = len(sample["param_aug"])
-        k = rng.randrange(k_total) if self.config.aug_sampling == "random" else epoch % k_total
-        view = replay_augmentation(sample["image"], sample["param_aug"][k], self.info.augmentation, size=self.size)
-        view = (view - self.mean) / self.std
+    def _example(self, sample: dict[str, Any], epoch: int):
+        cfg = self.config
+        choice = random.Random(f"{cfg.seed}/{epoch}/{sample['key']}")
+        try:
+            decoded = decode_sample(sample["image_source"])
+        except ValueError:
+            self.skipped += 1
+            return None
+        stored = sample["param_aug"]
+        if stored:
+            k = choice.randrange(len(stored)) if cfg.aug_sampling == "random" else epoch % len(stored)
+            params = stored[k]
+        else:  # plain image-text data (online teachers): a fresh augmentation per epoch
+            k = 0
+            generator = augmentation_generator(cfg.seed * 1_000_003 + epoch, sample["key"])
+            params = sample_augmentation(*decoded.image.size, self.augmentation, generator)
+        view = replay_augmentation(decoded.image, params, self.augmentation, size=self.size)
+        view = (view - self.mean) / self.std  # (3, S, S)
+        teacher_view = replay_augmentation(decoded.image, params, self.augmentation) if self.teacher_views \
+            else torch.zeros(0)
         syn = sample["syn_captions"]
-        j = rng.randrange(len(syn)) if syn else -1
-        t_syn = sample["text_emb"][1 + j] if syn else torch.zeros_like(sample["text_emb"][0])
-        return view, sample["caption"], syn[j] if syn else "", sample["image_emb"][k], sample["text_emb"][0], t_syn
+        j = choice.randrange(len(syn)) if syn else -1
+        if sample["image_emb"] is not None:
+            t_image, t_real = sample["image_emb"][k], sample["text_emb"][0]
+            t_syn = sample["text_emb"][1 + j] if syn else torch.zeros_like(t_real)
+        else:
+            t_image = t_real = t_syn = torch.zeros(0)
+        return view, teacher_view, decoded.caption, syn[j] if syn else "", t_image, t_real, t_syn
+
+
+def _shuffle_buffer(samples, rng: random.Random, size: int):
+    """webdataset-style shuffling: keep `size` samples, emit a random one as each new one arrives."""
+    pool = []
+    for sample in samples:
+        pool.append(sample)
+        if len(pool) >= size:
+            yield pool.pop(rng.randrange(len(pool)))
+    rng.shuffle(pool)
+    yield from reversed(pool)
+
+
+def _image_text_samples(urls: list[str]):
+    """Plain image-text shards as training samples without stored augmentations or embeddings."""
+    def samples():
+        for raw in iter_raw_samples(urls):
+            if any(ext in raw for ext in IMAGE_EXTENSIONS):
+                yield {"key": raw["__key__"], "image_source": raw, "param_aug": [], "syn_captions": [],
+                       "image_emb": None, "text_emb": None}
+    return samples
+
+
+def _reinforced_samples(path: str, image_index):
+    def samples():
+        for sample in open_reinforced(path, image_index, decode_images=False):
+            if sample["image_source"] is not None:
+                yield sample
+    return samples
+
+
+def _plain_image_text_shards(data: str | Path) -> list[str] | None:
+    """The shards of `data` when it is plain image-text data (no stored embeddings), else None."""
+    root = Path(str(data))
+    if root.is_dir() and ((root / "config.json").is_file() or (root / "reinforce_run.json").is_file()):
+        return None
+    try:
+        urls = resolve_shards(data, split="train")
+    except UserInputError:
+        return None  # read_info reports what is wrong
+    first = next(iter_raw_samples(urls[:1]), {})
+    return None if "npz" in first or "pth.gz" in first else urls
+
+
+@torch.no_grad()
+def _online_teacher_embeddings(ensemble, views: torch.Tensor, real, syn):
+    """What a reinforced dataset would have stored, computed now: (B, sum D) image, real and synthetic text."""
+    t_image = ensemble.encode_image_tensors(views)  # each teacher resizes and normalizes the view its own way
+    t_real = ensemble.encode_texts(list(real))
+    t_syn = ensemble.encode_texts(list(syn)) if all(syn) else torch.zeros_like(t_real)
+    return t_image, t_real, t_syn
 
 
 def compute_losses(model: nn.Module, batch, tokenizer, config: DistillConfig, dims: list[int],
@@ -155,17 +243,23 @@ def distill(data: str, run_dir: str | Path, config: DistillConfig, images: str |
         raise UserInputError("steps and batch_size must be positive")
     if config.aug_sampling not in ("random", "sequential"):
         raise UserInputError("aug_sampling must be 'random' or 'sequential'")
-    info = read_info(data)
-    dims = info.dims
-    if dims is None:
-        raise UserInputError(f"{data}: config.json does not give the teachers' dimensions")
-    sample = next(iter(open_reinforced(data, images)), None)
-    if sample is None:
-        raise UserInputError(f"no readable samples in {data}")
-    if sample["image_emb"].shape[-1] != sum(dims):
-        raise UserInputError(f"embedding dimension {sample['image_emb'].shape[-1]} does not match the teachers' "
-                             f"{dims} in config.json")
-    teacher_scales = [float(t["logit_scale"]) for t in info.teachers]
+    plain_urls = _plain_image_text_shards(data)
+    if plain_urls and not config.online_teachers:
+        raise UserInputError(f"{data} is image-text data without teacher embeddings: write a reinforced dataset "
+                             "with `mobiledistill reinforce`, or give --online-teacher SPEC")
+    info = None if plain_urls else read_info(data)
+    image_index = index_images(images) if images and info is not None else None
+    if info is not None and not config.online_teachers:
+        dims = info.dims
+        if dims is None:
+            raise UserInputError(f"{data}: config.json does not give the teachers' dimensions")
+        sample = next(iter(open_reinforced(data, image_index, decode_images=False)), None)
+        if sample is None:
+            raise UserInputError(f"no readable samples in {data}")
+        if sample["image_emb"].shape[-1] != sum(dims):
+            raise UserInputError(f"embedding dimension {sample['image_emb'].shape[-1]} does not match the "
+                                 f"teachers' {dims} in config.json")
+        teacher_scales = [float(t["logit_scale"]) for t in info.teachers]
 
     accelerator = Accelerator(mixed_precision=config.mixed_precision,
                               gradient_accumulation_steps=config.grad_accum_steps,
@@ -173,6 +267,23 @@ def distill(data: str, run_dir: str | Path, config: DistillConfig, images: str |
     set_seed(config.seed)
     loaded = load_model(config.student, device=accelerator.device, warn_random=False)
     model = loaded.model
+    size = loaded.preprocess_cfg["size"]
+    size = size if isinstance(size, int) else size[0]
+    ensemble = None
+    if config.online_teachers:  # teachers in the loop (open_clip / TinyCLIP style), for comparison
+        from teachers import load_ensemble
+
+        ensemble = load_ensemble(config.online_teachers, device=accelerator.device)
+        dims, teacher_scales = ensemble.dims, ensemble.logit_scales
+        teacher_records = [{"spec": str(t.spec), "dim": d, "logit_scale": s}
+                           for t, d, s in zip(ensemble.teachers, dims, teacher_scales)]
+    else:
+        teacher_records = info.teachers
+    if info is not None:
+        augmentation, samples = info.augmentation, _reinforced_samples(str(data), image_index)
+    else:  # views at the largest input size among the teachers and the student, each model resizing its own
+        largest = max([size, *(t.image_size[0] for t in ensemble.teachers)])
+        augmentation, samples = AugmentationConfig(size=largest), _image_text_samples(plain_urls)
     inheritance = None
     if config.inherit_from:
         teacher_model = load_model(config.inherit_from, warn_random=False).model
@@ -203,16 +314,17 @@ def distill(data: str, run_dir: str | Path, config: DistillConfig, images: str |
         (run_dir / "recipe.yaml").write_text(yaml.safe_dump(asdict(config), sort_keys=False))
         accelerator.init_trackers("tensorboard")
 
-    size = loaded.preprocess_cfg["size"]
-    size = size if isinstance(size, int) else size[0]
-    per_process = max(1, config.batch_size // accelerator.num_processes)
-    stream = _ReinforcedStream(str(data), images, info, size, loaded.preprocess_cfg["mean"],
-                               loaded.preprocess_cfg["std"], config, accelerator.process_index,
-                               accelerator.num_processes)
+    if config.batch_size % accelerator.num_processes:
+        raise UserInputError(f"batch_size {config.batch_size} is not divisible by the {accelerator.num_processes} "
+                             "processes")
+    per_process = config.batch_size // accelerator.num_processes
+    stream = _TrainingStream(samples, augmentation, size, loaded.preprocess_cfg["mean"], loaded.preprocess_cfg["std"],
+                             config, accelerator.process_index, accelerator.num_processes, per_process,
+                             teacher_views=ensemble is not None)
     loader = torch.utils.data.DataLoader(stream, batch_size=per_process, num_workers=0)
     batches = itertools.islice(iter(loader), start_step * config.grad_accum_steps, None)
 
-    eval_root = config.eval_data or info.config.get("source")
+    eval_root = config.eval_data or (info.config.get("source") if info is not None else str(data))
     can_eval = bool(eval_root) and Path(eval_root, config.eval_split).is_dir()
     log_path = run_dir / "log.jsonl"
     rows = [json.loads(line) for line in log_path.read_text().splitlines()] if resume and log_path.is_file() else []
@@ -225,13 +337,18 @@ def distill(data: str, run_dir: str | Path, config: DistillConfig, images: str |
     for step in bar:
         for _ in range(config.grad_accum_steps):
             with accelerator.accumulate(model):
-                batch = next(batches)
-                batch = [b.to(accelerator.device) if isinstance(b, torch.Tensor) else b for b in batch]
+                views, teacher_views, real, syn, t_image, t_real, t_syn = next(batches)
+                if ensemble is not None:
+                    t_image, t_real, t_syn = _online_teacher_embeddings(ensemble, teacher_views, real, syn)
+                batch = [views.to(accelerator.device), real, syn, t_image, t_real, t_syn]
                 terms = compute_losses(unwrapped, batch, loaded.tokenizer, config, dims, teacher_scales, projection)
                 loss = sum(v for k, v in terms.items() if k.endswith("_loss"))
-                if not torch.isfinite(loss):
+                # the global batch's values (the mean of the processes' is the one-process loss)
+                terms = {k: accelerator.reduce(v.detach(), reduction="mean") for k, v in terms.items()}
+                global_loss = sum(v for k, v in terms.items() if k.endswith("_loss"))
+                if not torch.isfinite(global_loss):
                     last = last_checkpoint(run_dir)
-                    raise UserInputError(f"loss is {loss.item()} at step {step}; last good checkpoint: "
+                    raise UserInputError(f"loss is {global_loss.item()} at step {step}; last good checkpoint: "
                                          f"{last if last else 'none (no checkpoint saved yet)'}")
                 optimizer_step(accelerator, model, optimizer, scheduler, loss, config.grad_clip)
         with torch.no_grad():
@@ -239,7 +356,7 @@ def distill(data: str, run_dir: str | Path, config: DistillConfig, images: str |
         done = step + 1
         if step % config.log_every == 0 or done == config.steps or (config.eval_every and done % config.eval_every
                                                                      == 0):
-            row = {"step": step, "loss": loss.item(), "lr": scheduler.get_last_lr()[0],
+            row = {"step": step, "loss": global_loss.item(), "lr": scheduler.get_last_lr()[0],
                    **{k: v.item() for k, v in terms.items()}, "elapsed_s": round(time.time() - start, 2)}
             if can_eval and config.eval_every and done % config.eval_every == 0 and done < config.steps:
                 row["eval_top1"] = evaluate_model(loaded, eval_root, config.eval_split,
@@ -258,13 +375,14 @@ def distill(data: str, run_dir: str | Path, config: DistillConfig, images: str |
     accelerator.end_training()
 
     summary: dict[str, Any] = {"steps": config.steps, "wall_s": round(time.time() - start, 1),
-                               "final_loss": rows[-1]["loss"], "resumed_from": start_step}
+                               "final_loss": rows[-1]["loss"], "resumed_from": start_step,
+                               "skipped_samples": stream.skipped}
     if accelerator.is_main_process:
         log_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         _plot_curves(rows, run_dir / "curves.png")
         evaluation = evaluate_model(loaded, eval_root, config.eval_split, progress=False) if can_eval else None
         provenance = {"command": command, "recipe": asdict(config), "data": str(data), "images": images,
-                      "teachers": info.teachers, "steps": config.steps, "seed": config.seed, "train": summary,
+                      "teachers": teacher_records, "online_teachers": bool(config.online_teachers), "steps": config.steps, "seed": config.seed, "train": summary,
                       "inheritance": inheritance.as_dict() if inheritance else None, "evaluation": evaluation}
         write_model_files(unwrapped, loaded.model_cfg, run_dir, tokenizer=loaded.tokenizer, provenance=provenance)
         summary["evaluation"] = evaluation

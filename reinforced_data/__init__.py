@@ -1,4 +1,10 @@
-"""Data: the embedded OpenMoji set, reading user webdataset shards, and (later) reinforced datasets."""
+"""Data: the embedded OpenMoji set, reading user webdataset shards, writing and reading reinforced datasets.
+
+The reinforced-dataset names (`open_reinforced`, `reinforce`, ...) load on first use, which keeps this package
+free of import cycles with `teachers` and `distill`.
+"""
+
+import importlib
 
 from reinforced_data.shards import (
     IMAGE_EXTENSIONS,
@@ -11,6 +17,17 @@ from reinforced_data.shards import (
     resolve_shards,
 )
 
+_LAZY = {
+    "AugmentationConfig": "reinforced_data.augment",
+    "replay_augmentation": "reinforced_data.augment",
+    "ReinforcedInfo": "reinforced_data.reader",
+    "index_images": "reinforced_data.reader",
+    "open_reinforced": "reinforced_data.reader",
+    "read_info": "reinforced_data.reader",
+    "ReinforceConfig": "reinforced_data.writer",
+    "reinforce": "reinforced_data.writer",
+}
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "ImageTextSample",
@@ -20,4 +37,11 @@ __all__ = [
     "iter_raw_samples",
     "read_lines",
     "resolve_shards",
+    *_LAZY,
 ]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'reinforced_data' has no attribute {name!r}")

@@ -12,7 +12,7 @@ from config.json.
 """
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from reinforced_data.augment import AugmentationConfig
 from reinforced_data.shards import IMAGE_EXTENSIONS, SkipLog, decode_sample, iter_raw_samples, resolve_shards
 from reinforced_data.storage import decode_embeddings
 
-__all__ = ["ReinforcedInfo", "read_info", "open_reinforced", "parse_param_aug"]
+__all__ = ["ReinforcedInfo", "read_info", "open_reinforced", "index_images", "parse_param_aug"]
 
 
 @dataclass
@@ -102,20 +102,31 @@ def _embedding_member(raw: dict[str, Any]) -> tuple[str, bytes]:
     raise ValueError("no embeddings (npz or pth.gz)")
 
 
-def _image_index(images: str | Path) -> dict[str, dict[str, Any]]:
-    """key -> raw image-text sample, from the image shards (read once)."""
+def index_images(images: str | Path) -> dict[str, dict[str, Any]]:
+    """key -> raw image-text sample (undecoded bytes) of every sample in the image shards `images`.
+
+    Build it once and pass it as `open_reinforced(..., images=index)` to read a dataset many times (epochs)."""
     index = {}
-    for raw in iter_raw_samples(resolve_shards(images)):
+    for raw in iter_raw_samples(resolve_shards(str(images))):
         index[raw["__key__"]] = raw
     return index
 
 
-def open_reinforced(path: str | Path, images: str | Path | None = None, skips: SkipLog | None = None
-                    ) -> Iterator[dict[str, Any]]:
-    """Iterate a reinforced dataset's samples with dequantized float embeddings (see the module docstring)."""
+def open_reinforced(path: str | Path, images: str | Path | Mapping[str, dict[str, Any]] | None = None,
+                    skips: SkipLog | None = None, decode_images: bool = True) -> Iterator[dict[str, Any]]:
+    """Iterate a reinforced dataset's samples with dequantized float embeddings (see the module docstring).
+
+    `images`: image-text shards to join by key, or an index of them from `index_images`. With `decode_images` off,
+    samples carry their undecoded image-text sample as `image_source` (for `shards.decode_sample`) and `image` is
+    None: a training process that uses only some of the samples decodes only those."""
     info = read_info(path)
     skips = skips if skips is not None else SkipLog()
-    joined = _image_index(images) if images is not None else {}
+    if images is None:
+        joined = {}
+    elif isinstance(images, Mapping):
+        joined = images
+    else:
+        joined = index_images(images)
     for raw in iter_raw_samples(info.shards, skips):
         key = raw["__key__"]
         try:
@@ -129,7 +140,9 @@ def open_reinforced(path: str | Path, images: str | Path | None = None, skips: S
             continue
         source = raw if any(e in raw for e in IMAGE_EXTENSIONS) else joined.get(key)
         image, caption, image_bytes = None, None, b""
-        if source is not None:
+        if source is not None and not decode_images:
+            caption = source["txt"].decode("utf-8", errors="replace").strip() if "txt" in source else None
+        elif source is not None:
             try:
                 decoded = decode_sample(source)
                 image, caption, image_bytes = decoded.image, decoded.caption, decoded.image_bytes
@@ -140,4 +153,5 @@ def open_reinforced(path: str | Path, images: str | Path | None = None, skips: S
             caption = raw["txt"].decode("utf-8").strip()
         yield {"key": key, "image": image, "caption": caption, "syn_captions": syn, "param_aug": param_aug,
                "image_emb": torch.from_numpy(image_emb), "text_emb": torch.from_numpy(text_emb),
-               "image_bytes": image_bytes, "meta": meta}
+               "image_bytes": image_bytes, "meta": meta,
+               **({} if decode_images else {"image_source": source})}

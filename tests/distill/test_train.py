@@ -70,6 +70,56 @@ def test_bad_recipe_and_dimension_mismatch(reinforced, tmp_path):
         config_path.write_text(original)
 
 
+def _losses(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def test_online_teachers_give_the_losses_of_their_stored_embeddings(reinforced, tiny_model_dirs, tmp_path):
+    # The same teachers in the loop see the very views and captions the dataset stored embeddings of.
+    overrides = ["steps=3", "batch_size=8", "warmup_steps=1", "log_every=1", "loss.w_clip=1.0"]
+    distill(str(reinforced), tmp_path / "stored", load_recipe(None, overrides), progress=False)
+    online = load_recipe(None, overrides)
+    online.online_teachers = [str(tiny_model_dirs["teacher_a"]), str(tiny_model_dirs["teacher_b"])]
+    distill(str(reinforced), tmp_path / "online", online, progress=False)
+    stored_rows, online_rows = _losses(tmp_path / "stored"), _losses(tmp_path / "online")
+    assert len(stored_rows) == len(online_rows) == 3
+    for a, b in zip(stored_rows, online_rows):
+        for key in ("kd_real_loss", "kd_syn_loss", "clip_real_loss"):
+            assert a[key] == pytest.approx(b[key], rel=2e-3), (a["step"], key)  # fp16 storage rounding
+    assert json.loads((tmp_path / "online" / "mobiledistill.json").read_text())["online_teachers"] is True
+
+
+def test_online_teacher_trains_from_plain_image_text_shards(tiny_model_dirs, tmp_path):
+    root = write_shapes_root(tmp_path / "shapes", per_pair=2, size=48, train_shards=2, bad=True)
+    config = load_recipe(None, ["steps=2", "batch_size=6", "warmup_steps=1", "log_every=1"])
+    config.online_teachers = [str(tiny_model_dirs["teacher_a"])]
+    summary = distill(str(root), tmp_path / "run", config, progress=False)
+    rows = _losses(tmp_path / "run")
+    assert [r["step"] for r in rows] == [0, 1] and "kd_syn_loss" not in rows[0]
+    assert summary["skipped_samples"] > 0  # the undecodable image in the shards
+    assert summary["evaluation"]["zeroshot"]["num_classes"] == 3
+    with pytest.raises(UserInputError, match="image-text|config.json|teachers"):  # no teacher: not reinforced
+        distill(str(root), tmp_path / "plain", load_recipe(None, ["steps=1"]), progress=False)
+
+
+@pytest.mark.slow
+def test_two_processes_train_with_the_losses_of_one(reinforced, tmp_path):
+    common = ["--data", str(reinforced), "--student", "md-student-tiny", "--steps", "4", "--batch-size", "8",
+              "log_every=1", "warmup_steps=1", "loss.w_clip=1.0", "loss.w_affinity=1.0"]
+    one = _cli(["distill", *common, "--out", str(tmp_path / "one")])
+    assert one.wait(timeout=600) == 0, one.stderr.read()
+    two = subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+                            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m",
+                            "distill", "distill", *common, "--out", str(tmp_path / "two")],
+                           cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert two.wait(timeout=600) == 0, two.stderr.read()[-3000:]
+    rows_one, rows_two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert [r["step"] for r in rows_one] == [r["step"] for r in rows_two] == [0, 1, 2, 3]
+    for a, b in zip(rows_one, rows_two):  # same global batches, gathered losses, averaged gradients
+        for key in ("loss", "kd_real_loss", "clip_real_loss", "affinity_loss"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (a["step"], key)
+
+
 def _cli(args, **kw):
     return subprocess.Popen([sys.executable, "-m", "distill", *args], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **kw)
