@@ -71,6 +71,11 @@ def _set(config: Any, dotted: str, value: Any) -> None:
     current = getattr(target, leaf)
     if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
+    if isinstance(current, float) and isinstance(value, str):  # YAML 1.1 reads `3e-4` (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     if current is not None and value is not None and type(value) is not type(current):
         raise UserInputError(f"recipe key {dotted!r} takes a {type(current).__name__}, got {value!r}")
     setattr(target, leaf, value)
