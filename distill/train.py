@@ -382,7 +382,8 @@ def distill(data: str, run_dir: str | Path, config: DistillConfig, images: str |
         _plot_curves(rows, run_dir / "curves.png")
         evaluation = evaluate_model(loaded, eval_root, config.eval_split, progress=False) if can_eval else None
         provenance = {"command": command, "recipe": asdict(config), "data": str(data), "images": images,
-                      "teachers": teacher_records, "online_teachers": bool(config.online_teachers), "steps": config.steps, "seed": config.seed, "train": summary,
+                      "teachers": teacher_records, "online_teachers": bool(config.online_teachers),
+                      "steps": config.steps, "seed": config.seed, "train": summary,
                       "inheritance": inheritance.as_dict() if inheritance else None, "evaluation": evaluation}
         write_model_files(unwrapped, loaded.model_cfg, run_dir, tokenizer=loaded.tokenizer, provenance=provenance)
         summary["evaluation"] = evaluation

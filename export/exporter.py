@@ -12,9 +12,7 @@ interrupted export leaves nothing that looks finished.
 
 import copy
 import json
-import os
 import platform
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,6 +33,7 @@ from export.towers import (
     TextEncoder,
     prepare_for_export,
 )
+from teachers.model_dir import atomic_directory
 from teachers.specs import LoadedModel
 
 __all__ = ["ExportConfig", "export_model", "export_loaded_model", "FORMATS", "REPORT_NAME"]
@@ -100,17 +99,8 @@ def export_loaded_model(loaded: LoadedModel, out: str | Path, config: ExportConf
         reason = coreml_unavailable_reason()
         if reason:
             raise UserInputError(f"{reason}; export with --format onnx")
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_directory(out) as tmp:
         report = _export_into(loaded, tmp, config)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return report
 
 

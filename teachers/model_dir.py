@@ -9,9 +9,11 @@
 built under a temporary name and renamed when complete, so a crash never leaves something that looks finished.
 """
 
+import contextlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +21,8 @@ import open_clip
 import torch
 from safetensors.torch import save_file
 
-__all__ = ["save_model_dir", "write_model_files", "read_provenance", "update_provenance", "PROVENANCE_NAME",
-           "WEIGHTS_NAME"]
+__all__ = ["save_model_dir", "write_model_files", "atomic_directory", "read_provenance", "update_provenance",
+           "PROVENANCE_NAME", "WEIGHTS_NAME"]
 
 CONFIG_NAME = "open_clip_config.json"
 WEIGHTS_NAME = "open_clip_model.safetensors"
@@ -39,18 +41,28 @@ def save_model_dir(
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already exists")
+    with atomic_directory(out_dir) as tmp:
+        write_model_files(model, model_cfg, tmp, tokenizer, provenance)
+    return out_dir
+
+
+@contextlib.contextmanager
+def atomic_directory(out_dir: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling of `out_dir` to fill; on success it replaces `out_dir`, on any error it is removed.
+
+    Readers never see a half-written directory under the final name."""
+    out_dir = Path(out_dir)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        write_model_files(model, model_cfg, tmp, tokenizer, provenance)
+        yield tmp
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out_dir
 
 
 def write_model_files(model: torch.nn.Module, model_cfg: dict[str, Any], directory: str | Path, tokenizer: Any = None,
