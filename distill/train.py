@@ -264,6 +264,9 @@ def distill(data: str, run_dir: str | Path, config: DistillConfig, images: str |
     accelerator = Accelerator(mixed_precision=config.mixed_precision,
                               gradient_accumulation_steps=config.grad_accum_steps,
                               log_with="tensorboard", project_dir=str(run_dir))
+    if config.batch_size % accelerator.num_processes:  # before anything is loaded or written
+        raise UserInputError(f"batch_size {config.batch_size} is not divisible by the {accelerator.num_processes} "
+                             "processes")
     set_seed(config.seed)
     loaded = load_model(config.student, device=accelerator.device, warn_random=False)
     model = loaded.model
@@ -314,9 +317,6 @@ def distill(data: str, run_dir: str | Path, config: DistillConfig, images: str |
         (run_dir / "recipe.yaml").write_text(yaml.safe_dump(asdict(config), sort_keys=False))
         accelerator.init_trackers("tensorboard")
 
-    if config.batch_size % accelerator.num_processes:
-        raise UserInputError(f"batch_size {config.batch_size} is not divisible by the {accelerator.num_processes} "
-                             "processes")
     per_process = config.batch_size // accelerator.num_processes
     stream = _TrainingStream(samples, augmentation, size, loaded.preprocess_cfg["mean"], loaded.preprocess_cfg["std"],
                              config, accelerator.process_index, accelerator.num_processes, per_process,
@@ -343,8 +343,9 @@ def distill(data: str, run_dir: str | Path, config: DistillConfig, images: str |
                 batch = [views.to(accelerator.device), real, syn, t_image, t_real, t_syn]
                 terms = compute_losses(unwrapped, batch, loaded.tokenizer, config, dims, teacher_scales, projection)
                 loss = sum(v for k, v in terms.items() if k.endswith("_loss"))
-                # the global batch's values (the mean of the processes' is the one-process loss)
-                terms = {k: accelerator.reduce(v.detach(), reduction="mean") for k, v in terms.items()}
+                # the global batch's values (the mean of the processes' is the one-process loss), in one all-reduce
+                means = accelerator.reduce(torch.stack([v.detach().float() for v in terms.values()]), reduction="mean")
+                terms = dict(zip(terms, means))
                 global_loss = sum(v for k, v in terms.items() if k.endswith("_loss"))
                 if not torch.isfinite(global_loss):
                     last = last_checkpoint(run_dir)
