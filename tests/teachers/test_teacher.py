@@ -80,3 +80,37 @@ def test_captioner_rejects_clip_models():
 
     with pytest.warns(UserWarning), pytest.raises(UserInputError, match="not a captioner"):
         Captioner(load_model("md-teacher-s"))
+
+
+def test_last_position_logits_equal_open_clips_forward():
+    """The captioner projects only the last position onto the vocabulary; the logits must be open_clip's."""
+    torch.manual_seed(0)
+    captioner = Captioner(load_model("md-coca-tiny", warn_random=False))
+    pixels = torch.stack([captioner.preprocess(draw_shape("red", "circle", 64))] * 2)
+    tokens = torch.tensor([[49406, 320, 1125, 539], [49406, 320, 2866, 539]])
+    with torch.no_grad():
+        image_latent, image_embs = captioner.model._encode_image(pixels)
+        reference = captioner.model(pixels, tokens, image_latent=image_latent, image_embs=image_embs,
+                                    output_labels=False)["logits"][:, -1]
+        ours = captioner._next_token_logits(image_embs, tokens)
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("scale", [0.3, 3.0, 30.0])
+def test_nucleus_candidates_give_the_full_sorts_tokens(scale):
+    """Sorting only the most probable candidates must keep every token (and order) the full sort puts in the
+    nucleus, ties and flat distributions included (those fall back to the full sort)."""
+    from teachers.captioner import _sorted_nucleus
+
+    generator = torch.Generator().manual_seed(int(scale * 10))
+    for trial in range(20):
+        logits = torch.randn(3, 49408, generator=generator) * scale
+        if trial % 4 == 0:
+            logits[:, 100:400] = logits.max()  # a tie across the candidate boundary
+        probs = torch.softmax(torch.round(logits.double() * 1024) / 1024, dim=-1)
+        values, ids = _sorted_nucleus(probs, 0.9)
+        full_values, full_ids = probs.sort(dim=-1, descending=True, stable=True)
+        nucleus = int(((full_values.cumsum(-1) - full_values) < 0.9).sum(-1).max())
+        assert nucleus <= ids.shape[1]
+        assert torch.equal(ids[:, :nucleus], full_ids[:, :nucleus])
+        assert torch.equal(values[:, :nucleus], full_values[:, :nucleus])
