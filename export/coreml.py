@@ -37,6 +37,21 @@ def _coremltools():
     return coremltools
 
 
+def _coreml_decompositions() -> dict:
+    """The few ATen ops coremltools' torch.export frontend lacks, rewritten into ones it has. Hugging Face text
+    towers (e.g. all-MiniLM-L6-v2) build their attention masks with `new_ones` and a boolean `&`."""
+    from torch._decomp import get_decompositions
+
+    aten = torch.ops.aten
+    table = get_decompositions([aten.new_ones, aten.new_zeros, aten.new_full, aten.new_empty])
+    table[aten.__and__.Tensor] = _and
+    return table
+
+
+def _and(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.logical_and(a, b) if a.dtype == torch.bool and b.dtype == torch.bool else torch.bitwise_and(a, b)
+
+
 def coreml_unavailable_reason() -> str | None:
     """None when coremltools imports and can convert; else why not."""
     try:
@@ -66,7 +81,7 @@ def convert_coreml(module: torch.nn.Module, example: torch.Tensor, path: str | P
     try:
         with warnings.catch_warnings(), torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
-            program = torch.export.export(module, (example,)).run_decompositions({})
+            program = torch.export.export(module, (example,)).run_decompositions(_coreml_decompositions())
             mlmodel = ct.convert(program, inputs=inputs, outputs=[ct.TensorType(name=output_name, dtype=np.float32)],
                                  convert_to="mlprogram", minimum_deployment_target=getattr(ct.target, target),
                                  compute_precision=ct.precision.FLOAT16 if precision == "fp16"

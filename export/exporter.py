@@ -39,12 +39,14 @@ from teachers.specs import LoadedModel
 __all__ = ["ExportConfig", "export_model", "export_loaded_model", "FORMATS", "REPORT_NAME"]
 
 FORMATS = ("onnx", "coreml")
+TOWERS = ("image", "text")
 REPORT_NAME = "export_report.json"
 
 
 @dataclass
 class ExportConfig:
     formats: tuple[str, ...] = FORMATS
+    towers: tuple[str, ...] = TOWERS  # e.g. ("image",) to time an image tower alone
     quantize: str | None = None  # None or "int8"
     data: str | None = None  # dataset root (or shards) for parity inputs, calibration and zero-shot accuracy
     split: str = "test"
@@ -62,7 +64,9 @@ class ExportConfig:
     extra: dict[str, Any] = field(default_factory=dict)  # recorded in the report (e.g. the command line)
 
     def __post_init__(self):
-        self.formats = tuple(self.formats)
+        self.formats, self.towers = tuple(self.formats), tuple(self.towers)
+        if not self.towers or any(t not in TOWERS for t in self.towers):
+            raise UserInputError(f"towers must be among {', '.join(TOWERS)}, got {', '.join(self.towers) or 'none'}")
         unknown = [f for f in self.formats if f not in FORMATS]
         if unknown or not self.formats:
             raise UserInputError(f"unknown export format {','.join(unknown) or '(none)'} (known: {','.join(FORMATS)})")
@@ -121,12 +125,13 @@ def _export_into(loaded: LoadedModel, directory: Path, config: ExportConfig) -> 
         "image": _Tower("image", ImageEncoder(prepared.model).eval(), images, IMAGE_INPUT, IMAGE_OUTPUT),
         "text": _Tower("text", TextEncoder(prepared.model).eval(), tokens, TEXT_INPUT, TEXT_OUTPUT),
     }
+    towers = {name: tower for name, tower in towers.items() if name in config.towers}
     for tower in towers.values():
         with torch.no_grad():
             tower.eager = tower.module(tower.inputs).numpy()  # (N, D): what every exported file is compared to
 
     keep_onnx = "onnx" in config.formats
-    steps = 2 + (2 if config.quantize else 0) + (2 if "coreml" in config.formats else 0) + 1
+    steps = len(towers) * (1 + bool(config.quantize) + ("coreml" in config.formats)) + 1
     bar = tqdm(total=steps, desc="export", disable=not config.progress, leave=False)
     files: dict[str, dict[str, Any]] = {}
     fp32_bound = ParityBound(config.fp32_max_abs_diff, config.fp32_min_cosine)
@@ -143,7 +148,7 @@ def _export_into(loaded: LoadedModel, directory: Path, config: ExportConfig) -> 
             bar.set_postfix_str(f"{tower.name} tower -> int8")
             files[tower.int8_name] = _quantize_tower(tower, directory, calibration, int8_bound, config.progress)
             bar.update()
-        if config.data is not None:
+        if config.data is not None and len(towers) == len(TOWERS):
             bar.set_postfix_str("zero-shot fp32 vs int8")
             zeroshot = _zero_shot_change(loaded, directory, towers, config)
 
@@ -171,7 +176,8 @@ def _export_into(loaded: LoadedModel, directory: Path, config: ExportConfig) -> 
     _write_json(directory / "tokenizer.json", tokenizer)
     report = {
         "model": str(loaded.spec),
-        "embed_dim": int(towers["image"].eager.shape[1]),
+        "embed_dim": int(next(iter(towers.values())).eager.shape[1]),
+        "towers": list(towers),
         "formats": list(config.formats),
         "quantize": config.quantize,
         "reparameterized_modules": len(prepared.reparameterized),

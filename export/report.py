@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from distill.errors import UserInputError
 
-__all__ = ["summarize_run", "write_report", "pareto_front", "BENCH_LOCATIONS"]
+__all__ = ["summarize_run", "write_report", "render_report", "pareto_front", "BENCH_LOCATIONS"]
 
 BENCH_LOCATIONS = ("export/bench.json", "bench.json")
 
@@ -207,14 +207,28 @@ def write_report(run_dirs: list[str | Path], out: str | Path, latency_runs: int 
     for r in rows:  # two runs named alike (a/kd, b/kd) are told apart by their parent
         if names.count(r["name"]) > 1:
             r["name"] = f"{Path(r['path']).parent.name}/{r['name']}"
+    _write_atomic(out, render_report(rows))
+    return {"rows": rows, "pareto": [r["name"] for r in pareto_front(rows)]}
+
+
+def _write_atomic(out: Path, text: str) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, out)
+
+
+def render_report(rows: list[dict[str, Any]], title: str = "mobiledistill report", intro_html: str = "") -> str:
+    """The HTML page for rows as `summarize_run` makes them (name, path, params, image_params, text_params, top1,
+    retrieval_R@1, text_to_image_R@1, image_latency_ms, text_latency_ms, latency_source)."""
     front = {r["name"] for r in pareto_front(rows)}
     plot = _pareto_plot(rows)
 
-    parts = ["<!DOCTYPE html><html><head><meta charset='utf-8'><title>mobiledistill report</title><style>",
+    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>",
              "body{font-family:sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse}",
              "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}td:first-child{text-align:left}",
              "tr.front td:first-child{font-weight:bold}img{max-width:100%}small{color:#666}",
-             "</style></head><body><h1>mobiledistill report</h1>",
+             f"</style></head><body><h1>{html.escape(title)}</h1>", intro_html,
              f"<p><small>{len(rows)} runs, written {html.escape(time.strftime('%Y-%m-%d %H:%M'))}. Bold: on the "
              "Pareto front of zero-shot top-1 against image-tower latency.</small></p>",
              "<table><tr><th>run</th><th>params (M)</th><th>image params (M)</th><th>text params (M)</th>"
@@ -241,9 +255,4 @@ def write_report(run_dirs: list[str | Path], out: str | Path, latency_runs: int 
         parts.append(f"<img alt='curves of {html.escape(r['name'])}' src='data:image/png;base64,{curves}'>"
                      if curves else "<p>No training log in this directory.</p>")
     parts.append("</body></html>")
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.write_text("\n".join(parts))
-    os.replace(tmp, out)
-    return {"rows": rows, "pareto": [r["name"] for r in pareto_front(rows)]}
+    return "\n".join(parts)
