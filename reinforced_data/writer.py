@@ -49,6 +49,7 @@ class ReinforceConfig:
     batch_size: int = 256  # augmented views per teacher forward pass
     store_images: bool = True  # False writes embeddings only (training then joins images by __key__)
     top_p: float = 0.9
+    caption_max_len: int = 24  # tokens per synthetic caption, start and end included
     augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
 
 
@@ -99,7 +100,7 @@ class _ShardWriter:
                 continue
             seeds = [caption_seed(cfg.seed, s.key, c) for s in samples]
             for row, captions in zip(synthetic, captioner.generate([s.image for s in samples], count, seeds,
-                                                                   top_p=cfg.top_p)):
+                                                                   top_p=cfg.top_p, max_len=cfg.caption_max_len)):
                 row.extend(captions)
         texts = [t for s, syn in zip(samples, synthetic) for t in [s.caption, *syn]]
         text_emb = self.ensemble.encode_texts(texts).numpy()  # (B*(1+C), D)
@@ -255,6 +256,7 @@ def reinforce(data: str, teachers: Sequence[str], out_dir: str | Path, config: R
         "captioners": [str(c.spec) for c in caps],
         "num_augs": config.num_augs,
         "num_captions": config.num_captions,
+        "caption_sampling": {"top_p": config.top_p, "max_len": config.caption_max_len},
         "dtype": config.dtype,
         "seed": config.seed,
         "store_images": config.store_images,
