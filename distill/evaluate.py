@@ -116,9 +116,10 @@ def encode_eval_data(loaded: LoadedModel, data: EvalData, batch_size: int = 256,
 
 
 def evaluate_model(loaded: LoadedModel, data_root: str | Path, split: str = "test", batch_size: int = 256,
-                   progress: bool = True) -> dict[str, Any]:
-    """The `eval --json` result: zero-shot classification and retrieval on `data_root/split`."""
-    data = load_eval_data(data_root, split)
+                   progress: bool = True, data: EvalData | None = None) -> dict[str, Any]:
+    """The `eval --json` result: zero-shot classification and retrieval on `data_root/split` (`data`: that split,
+    already loaded, when several models are evaluated on it)."""
+    data = data if data is not None else load_eval_data(data_root, split)
     image_features, text_features, classifier = encode_eval_data(loaded, data, batch_size, progress)
     labelled = data.labels >= 0
     result: dict[str, Any] = {}

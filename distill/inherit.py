@@ -4,8 +4,10 @@ Depth: student layer i takes teacher layer i * T // S (T teacher layers, S stude
 layer kept). Width: the first k channels of every tensor. Attention: whole heads, so q, k and v are sliced head by
 head and the student's head width must equal the teacher's. Works on open_clip vision transformers and text
 transformers, embeddings and projections included. A tower of another kind (e.g. a FastViT student from a ViT
-teacher, or a Hugging Face text tower) is left at its initialization and reported. Any tensor that cannot be cut
-from its teacher counterpart (a student dimension larger than the teacher's, another patch size) is refused.
+teacher) is left at its initialization and reported. A Hugging Face text tower is inherited whole, projection
+included, when the teacher has the same one (e.g. both use all-MiniLM-L6-v2), and left at init otherwise. Any tensor
+that cannot be cut from its teacher counterpart (a student dimension larger than the teacher's, another patch size)
+is refused.
 """
 
 import re
@@ -119,6 +121,8 @@ def inherit_weights(student: nn.Module, teacher: nn.Module) -> InheritanceReport
                 raise UserInputError(f"{tower} tower: student head width {s_head} != teacher head width {t_head}; "
                                      "heads are inherited whole, so they must match")
             compatible[tower] = (t_width, s_width)
+        elif s_kind == t_kind == "HFTextEncoder" and _same_shapes(student, teacher, "text."):
+            report.layer_maps[tower] = list(range(student.text.transformer.config.num_hidden_layers))
         else:
             report.towers_left_at_init[tower] = f"student {s_kind}, teacher {t_kind}"
 
@@ -158,6 +162,14 @@ def inherit_weights(student: nn.Module, teacher: nn.Module) -> InheritanceReport
         report.rows.append((name, source_name, action, tuple(value.shape), tuple(source.shape)))
     student.load_state_dict(new_state, strict=False)
     return report
+
+
+def _same_shapes(student: nn.Module, teacher: nn.Module, prefix: str) -> bool:
+    """Whether every `prefix` tensor of the student exists in the teacher with the same shape (one pretrained
+    Hugging Face model on both sides, which is inherited whole: its layers are not open_clip resblocks to slice)."""
+    t_state = teacher.state_dict()
+    return all(k in t_state and t_state[k].shape == v.shape
+               for k, v in student.state_dict().items() if k.startswith(prefix))
 
 
 def _teacher_name(name: str, student: nn.Module, teacher: nn.Module) -> str:

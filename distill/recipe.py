@@ -22,9 +22,10 @@ class LossWeights:
 
     w_clip: float = 0.0
     w_kd: float = 1.0
-    w_affinity: float = 0.0  # TinyCLIP affinity mimicking against the first teacher
+    w_affinity: float = 0.0  # TinyCLIP affinity mimicking against the reference teacher
     affinity_logit_scale: float = 50.0
-    w_feature: float = 0.0  # CLIP-KD feature distillation against the first teacher
+    w_feature: float = 0.0  # CLIP-KD feature distillation against the reference teacher
+    reference_teacher: int = 0  # which stored teacher (0-based) the affinity and feature terms follow
     use_synthetic: bool = True  # add the *_syn terms when the dataset has synthetic captions
 
 
@@ -32,6 +33,7 @@ class LossWeights:
 class DistillConfig:
     student: str = "md-student-tiny"
     inherit_from: str | None = None
+    lock_text: bool | None = None  # None: lock a pretrained Hugging Face text tower (LiT), train everything else
     online_teachers: list[str] = field(default_factory=list)  # run these teachers in the loop instead of stored ones
     steps: int = 300
     batch_size: int = 128

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 import yaml
 from torch import nn
 from tqdm import tqdm
@@ -41,9 +42,15 @@ from reinforced_data.reader import index_images, open_reinforced, read_info
 from reinforced_data.shards import IMAGE_EXTENSIONS, decode_sample, iter_raw_samples, resolve_shards
 from teachers.model_dir import write_model_files
 from teachers.specs import load_model
-from teachers.train import cosine_with_warmup, optimizer_step, param_groups_for_weight_decay
+from teachers.train import (
+    LockedTextCache,
+    cosine_with_warmup,
+    is_hf_text,
+    optimizer_step,
+    param_groups_for_weight_decay,
+)
 
-__all__ = ["distill", "compute_losses", "last_checkpoint"]
+__all__ = ["distill", "compute_losses", "text_encoder", "last_checkpoint"]
 
 
 class _TrainingStream(torch.utils.data.IterableDataset):
@@ -165,16 +172,26 @@ def _online_teacher_embeddings(ensemble, views: torch.Tensor, real, syn):
     return t_image, t_real, t_syn
 
 
-def compute_losses(model: nn.Module, batch, tokenizer, config: DistillConfig, dims: list[int],
+def text_encoder(model: nn.Module, tokenizer, locked_cache: LockedTextCache | None = None):
+    """texts -> normalized student text features; with a locked Hugging Face tower, its cached pooled outputs
+    through the (trainable) projection."""
+    if locked_cache is not None:
+        return lambda texts: F.normalize(model.text.proj(locked_cache(texts)), dim=-1)
+    return lambda texts: model.encode_text(tokenizer(texts).to(model.logit_scale.device), normalize=True)
+
+
+def compute_losses(model: nn.Module, batch, encode_text, config: DistillConfig, dims: list[int],
                    teacher_scales: list[float], projection: nn.Module | None) -> dict[str, torch.Tensor]:
-    """Named loss terms of one batch; keys ending in `_loss` are summed into the objective."""
+    """Named loss terms of one batch; keys ending in `_loss` are summed into the objective.
+
+    `encode_text` maps a list of texts to the student's normalized text features (`text_encoder`)."""
     images, real, syn, t_image, t_real, t_syn = batch
     w = config.loss
     use_syn = w.use_synthetic and all(syn)
     texts = list(real) + (list(syn) if use_syn else [])
     device = images.device
     image_features = model.encode_image(images, normalize=True)  # (B, D)
-    text_features = model.encode_text(tokenizer(texts).to(device), normalize=True)  # (B or 2B, D)
+    text_features = encode_text(texts)  # (B or 2B, D)
     real_features, syn_features = text_features[:len(real)], text_features[len(real):]
     scale = model.logit_scale.exp()
     t_image, t_real, t_syn = (t.to(device).float().split(dims, dim=-1) for t in (t_image, t_real, t_syn))
@@ -186,12 +203,14 @@ def compute_losses(model: nn.Module, batch, tokenizer, config: DistillConfig, di
         if w.w_kd:
             terms[f"kd_{name}_loss"] = w.w_kd * ensemble_kd_loss(image_features, features, scale, list(t_image),
                                                                  list(teacher_text), teacher_scales)
+    ref = w.reference_teacher
     if w.w_affinity:
         terms["affinity_loss"] = w.w_affinity * affinity_mimicking_loss(
-            image_features, real_features, t_image[0], t_real[0], logit_scale=w.affinity_logit_scale)
+            image_features, real_features, t_image[ref], t_real[ref], logit_scale=w.affinity_logit_scale)
     if w.w_feature:
-        terms["feature_loss"] = w.w_feature * (feature_distillation_loss(image_features, t_image[0], projection)
-                                               + feature_distillation_loss(real_features, t_real[0], projection)) / 2
+        terms["feature_loss"] = w.w_feature * (feature_distillation_loss(image_features, t_image[ref], projection)
+                                               + feature_distillation_loss(real_features, t_real[ref],
+                                                                           projection)) / 2
     terms["logit_scale"] = scale.detach()
     return terms
 
@@ -294,9 +313,17 @@ def distill(data: str, run_dir: str | Path, config: DistillConfig, images: str |
         if accelerator.is_main_process:
             print(inheritance.table())
         del teacher_model
-    student_dim = loaded.embed_dim
-    projection = nn.Linear(student_dim, dims[0], bias=False).to(accelerator.device) \
-        if config.loss.w_feature and student_dim != dims[0] else None
+    if not 0 <= config.loss.reference_teacher < len(dims):
+        raise UserInputError(f"loss.reference_teacher={config.loss.reference_teacher} but there are {len(dims)} "
+                             "teachers")
+    locked_cache = None
+    if is_hf_text(model) if config.lock_text is None else config.lock_text:
+        model.lock_text_tower(unlocked_layers=0, freeze_layer_norm=True)
+        if is_hf_text(model):  # a locked tower's pooled output never changes: computed once per distinct text
+            locked_cache = LockedTextCache(model.text, loaded.tokenizer, accelerator.device)
+    student_dim, ref_dim = loaded.embed_dim, dims[config.loss.reference_teacher]
+    projection = nn.Linear(student_dim, ref_dim, bias=False).to(accelerator.device) \
+        if config.loss.w_feature and student_dim != ref_dim else None
     params = param_groups_for_weight_decay(model, config.weight_decay)
     if projection is not None:
         params.append({"params": list(projection.parameters()), "weight_decay": 0.0})
@@ -330,6 +357,7 @@ def distill(data: str, run_dir: str | Path, config: DistillConfig, images: str |
     rows = [json.loads(line) for line in log_path.read_text().splitlines()] if resume and log_path.is_file() else []
     rows = [r for r in rows if r["step"] < start_step]
     unwrapped = accelerator.unwrap_model(model)
+    encode_text = text_encoder(unwrapped, loaded.tokenizer, locked_cache)
     start = time.time()
     bar = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps, desc="distill",
                disable=not progress or not accelerator.is_main_process, dynamic_ncols=True)
@@ -341,7 +369,7 @@ def distill(data: str, run_dir: str | Path, config: DistillConfig, images: str |
                 if ensemble is not None:
                     t_image, t_real, t_syn = _online_teacher_embeddings(ensemble, teacher_views, real, syn)
                 batch = [views.to(accelerator.device), real, syn, t_image, t_real, t_syn]
-                terms = compute_losses(unwrapped, batch, loaded.tokenizer, config, dims, teacher_scales, projection)
+                terms = compute_losses(unwrapped, batch, encode_text, config, dims, teacher_scales, projection)
                 loss = sum(v for k, v in terms.items() if k.endswith("_loss"))
                 # the global batch's values (the mean of the processes' is the one-process loss), in one all-reduce
                 means = accelerator.reduce(torch.stack([v.detach().float() for v in terms.values()]), reduction="mean")
@@ -385,7 +413,8 @@ def distill(data: str, run_dir: str | Path, config: DistillConfig, images: str |
         provenance = {"command": command, "recipe": asdict(config), "data": str(data), "images": images,
                       "teachers": teacher_records, "online_teachers": bool(config.online_teachers),
                       "steps": config.steps, "seed": config.seed, "train": summary,
-                      "inheritance": inheritance.as_dict() if inheritance else None, "evaluation": evaluation}
+                      "inheritance": inheritance.as_dict() if inheritance else None,
+                      "text_locked": locked_cache is not None, "evaluation": evaluation}
         write_model_files(unwrapped, loaded.model_cfg, run_dir, tokenizer=loaded.tokenizer, provenance=provenance)
         summary["evaluation"] = evaluation
     accelerator.wait_for_everyone()

@@ -29,7 +29,7 @@ from teachers.model_dir import save_model_dir
 from teachers.specs import LoadedModel, load_model
 
 __all__ = ["TeacherTrainConfig", "train_teacher", "cosine_with_warmup", "param_groups_for_weight_decay",
-           "optimizer_step"]
+           "optimizer_step", "LockedTextCache", "is_hf_text"]
 
 
 @dataclass
@@ -120,22 +120,24 @@ class _CaptionedImageStream(torch.utils.data.IterableDataset):
         return self.transform(sample.image), caption
 
 
-class _LockedTextCache:
+class LockedTextCache:
     """Pooled outputs of a locked Hugging Face text tower, computed once per distinct text."""
 
     def __init__(self, text_tower: nn.Module, tokenizer, device: torch.device):
         self.tower, self.tokenizer, self.device = text_tower, tokenizer, device
         self.cache: dict[str, torch.Tensor] = {}
-        self.tower.transformer.eval()
 
     @torch.no_grad()
     def __call__(self, texts: list[str]) -> torch.Tensor:
         missing = list(dict.fromkeys(t for t in texts if t not in self.cache))
         if missing:
+            mode = self.tower.transformer.training
+            self.tower.transformer.eval()  # a training loop's .train() would otherwise cache dropout noise
             tokens = self.tokenizer(missing).to(self.device)  # (M, L)
             mask = (tokens != self.tower.config.pad_token_id).long()
             out = self.tower.transformer(input_ids=tokens, attention_mask=mask)
             pooled = self.tower.pooler(out, mask).float().cpu()  # (M, width)
+            self.tower.transformer.train(mode)
             self.cache.update(zip(missing, pooled))
         return torch.stack([self.cache[t] for t in texts]).to(self.device)  # (B, width)
 
@@ -154,7 +156,7 @@ class _LiTModel(nn.Module):
                 "logit_scale": self.model.logit_scale.exp()}
 
 
-def _is_hf_text(model: nn.Module) -> bool:
+def is_hf_text(model: nn.Module) -> bool:
     return type(getattr(model, "text", None)).__name__ == "HFTextEncoder"
 
 
@@ -184,12 +186,12 @@ def train_teacher(
     model = loaded.model
     model.output_dict = True
     is_coca = loaded.is_coca
-    lock_text = _is_hf_text(model) if config.lock_text is None else config.lock_text
+    lock_text = is_hf_text(model) if config.lock_text is None else config.lock_text
     text_cache = None
     if lock_text:
         model.lock_text_tower(unlocked_layers=0, freeze_layer_norm=True)
-        if _is_hf_text(model) and not is_coca:
-            text_cache = _LockedTextCache(model.text, loaded.tokenizer, accelerator.device)
+        if is_hf_text(model) and not is_coca:
+            text_cache = LockedTextCache(model.text, loaded.tokenizer, accelerator.device)
 
     trainable = _LiTModel(model) if text_cache is not None else model
     optimizer = torch.optim.AdamW(param_groups_for_weight_decay(model, config.weight_decay), lr=config.lr,

@@ -81,3 +81,32 @@ def test_mismatched_head_width_is_refused():
     student = open_clip.model.CLIP(**cfg)
     with pytest.raises(UserInputError, match="head width"):
         inherit_weights(student, teacher)
+
+
+def test_a_shared_hugging_face_text_tower_is_inherited_whole():
+    """md-student-minilm and md-teacher-m use the same all-MiniLM-L6-v2 tower: it is copied whole, projection
+    included, while the ViT image tower is sliced as usual."""
+    torch.manual_seed(0)
+    teacher = open_clip.create_model("md-teacher-m")
+    with torch.no_grad():
+        teacher.text.proj.weight.normal_()
+        teacher.text.transformer.encoder.layer[0].output.dense.bias.add_(1.0)
+    student = open_clip.create_model("md-student-minilm")
+    report = inherit_weights(student, teacher)
+    assert "text" not in report.towers_left_at_init
+    t, s = teacher.state_dict(), student.state_dict()
+    text_keys = [k for k in s if k.startswith("text.")]
+    assert text_keys and all(torch.equal(s[k], t[k]) for k in text_keys)
+    assert report.layer_maps["vision"] == [0, 2, 4, 6]
+    assert torch.equal(s["visual.conv1.weight"], t["visual.conv1.weight"][:128])
+
+
+def test_another_hugging_face_text_tower_is_left_at_init():
+    torch.manual_seed(0)
+    teacher = open_clip.create_model("md-teacher-m")
+    cfg = {k: v for k, v in open_clip.get_model_config("md-student-minilm").items() if k != "custom_text"}
+    student = open_clip.CustomTextCLIP(**{**cfg, "embed_dim": 128})  # another projection width: not the same tower
+    before = {k: v.clone() for k, v in student.state_dict().items() if k.startswith("text.")}
+    report = inherit_weights(student, teacher)
+    assert "text" in report.towers_left_at_init
+    assert all(torch.equal(student.state_dict()[k], v) for k, v in before.items())

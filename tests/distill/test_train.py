@@ -7,6 +7,7 @@ from pathlib import Path
 
 import open_clip
 import pytest
+import torch
 
 from distill.errors import UserInputError
 from distill.recipe import DistillConfig, load_recipe
@@ -149,3 +150,24 @@ def test_killed_run_resumes_with_the_same_losses(reinforced, tmp_path):
     assert [r["step"] for r in rows] == [r["step"] for r in ref_rows] == list(range(12))
     for a, b in zip(rows, ref_rows):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5), a["step"]
+
+
+def test_a_pretrained_hugging_face_text_tower_is_locked_and_cached(reinforced, tmp_path):
+    """md-student-minilm's all-MiniLM-L6-v2 tower stays as it was (LiT, only its projection trains); the feature
+    and affinity terms follow the teacher `loss.reference_teacher` names."""
+    from safetensors.torch import load_file
+
+    config = load_recipe(None, ["student=md-student-minilm", "steps=3", "batch_size=8", "warmup_steps=1",
+                                "log_every=1", "loss.w_feature=10", "loss.w_affinity=1", "loss.reference_teacher=1"])
+    run = tmp_path / "run"
+    distill(str(reinforced), run, config, progress=False)
+    reference = open_clip.create_model("md-student-minilm").state_dict()
+    trained = load_file(str(run / "open_clip_model.safetensors"))
+    transformer = [k for k in trained if k.startswith("text.transformer.")]
+    assert transformer and all(torch.equal(trained[k], reference[k]) for k in transformer)
+    provenance = json.loads((run / "mobiledistill.json").read_text())
+    assert provenance["text_locked"] is True
+    assert {"feature_loss", "affinity_loss"} <= set(_losses(run)[0])
+    with pytest.raises(UserInputError, match="reference_teacher"):
+        distill(str(reinforced), tmp_path / "bad", load_recipe(None, ["steps=1", "batch_size=8",
+                                                                      "loss.reference_teacher=2"]), progress=False)
