@@ -28,10 +28,7 @@ lint: install
 	$(VENV)/bin/ruff check .
 
 demo: install
-	rm -rf $(DEMO_DIR) && mkdir -p $(DEMO_DIR)
-	$(VENV)/bin/mobiledistill data emoji --out $(DEMO_DIR)/emoji
-	$(VENV)/bin/mobiledistill teachers train --data $(DEMO_DIR)/emoji --arch md-teacher-m --out $(DEMO_DIR)/teacher-m --steps 150
-	$(VENV)/bin/mobiledistill eval --model $(DEMO_DIR)/teacher-m --data $(DEMO_DIR)/emoji --json $(DEMO_DIR)/teacher-m-eval.json
+	$(VENV)/bin/mobiledistill quickstart --out $(DEMO_DIR)
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

@@ -221,6 +221,23 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_quickstart(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from distill.quickstart import QuickstartConfig, format_summary, quickstart
+
+    config = QuickstartConfig.fast() if args.fast else QuickstartConfig()
+    if args.distill_steps is not None and args.distill_steps <= 0:
+        raise UserInputError("--distill-steps must be positive")
+    changes = {"distill_steps": args.distill_steps, "seed": args.seed, "coreml": False if args.no_coreml else None}
+    config = replace(config, **{k: v for k, v in changes.items() if v is not None})
+    summary = quickstart(args.out, config)
+    print()
+    print(format_summary(summary))
+    print(f"wrote {args.out}/summary.json and {args.out}/report.html")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------------- parser
 
 
@@ -341,6 +358,15 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--latency-runs", type=int, default=20,
                     help="timed runs when a run has no bench JSON and latency is measured on PyTorch eager")
     rp.set_defaults(func=_cmd_report)
+
+    qs = commands.add_parser("quickstart", help="the whole pipeline on the embedded emoji default: data, teachers, "
+                                                "reinforced dataset, distilled student and baseline, export, table")
+    qs.add_argument("--out", required=True, help="directory for every stage (a finished stage is reused)")
+    qs.add_argument("--fast", action="store_true", help="toy sizes: checks the pipeline in a few minutes")
+    qs.add_argument("--no-coreml", action="store_true", help="skip the CoreML packages")
+    qs.add_argument("--distill-steps", type=int, default=None, help="steps of the student and of the baseline")
+    qs.add_argument("--seed", type=int, default=None)
+    qs.set_defaults(func=_cmd_quickstart)
     return parser
 
 

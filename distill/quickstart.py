@@ -1,0 +1,312 @@
+"""`mobiledistill quickstart`: the whole job on the embedded emoji default, offline, on a laptop-class CPU.
+
+Stages, each in its own directory under DIR and reused when its finished output is there (delete a stage's
+directory to redo it; an interrupted distillation resumes from its last checkpoint):
+
+1. `emoji/`: the emoji dataset (train, test, and test_noto when Noto Color Emoji is installed);
+2. `teacher-m/`, `teacher-s/`, `captioner/`: two teachers of different sizes and a tiny CoCa captioner, trained
+   here because no pretrained weights are reachable offline;
+3. `reinforced/`: the training set reinforced with the two-teacher ensemble and the captioner (MobileCLIP);
+4. `student/`: the student distilled with the KD recipe, inheriting from the larger teacher (TinyCLIP's manual
+   inheritance); `baseline/`: the same student trained with the CLIP loss alone, for the same steps;
+5. `eval/`: zero-shot top-1 and retrieval of every model on `test/` (and `test_noto/`);
+6. `export/`: the student exported to ONNX (fp32, int8) and CoreML with parity checks; every model's image tower
+   exported to ONNX and timed with onnxruntime (one thread, batch 1);
+7. `summary.json`, `report.html` and a table on stdout.
+"""
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from distill.errors import UserInputError
+
+__all__ = ["QuickstartConfig", "quickstart", "format_summary"]
+
+ROLES = {"teacher-m": "teacher", "teacher-s": "teacher", "student": "student", "baseline": "baseline"}
+
+
+@dataclass
+class QuickstartConfig:
+    """Sizes of every stage. The defaults are the full run (about 13 minutes on 2 cores); `fast()` is a smoke run."""
+
+    limit: int | None = None  # emoji subset (None: all 3944)
+    batch_size: int = 128
+    teacher_m_steps: int = 100
+    teacher_s_steps: int = 30
+    captioner_steps: int = 30
+    captioner_batch_size: int = 64  # its loss over a 49408-word vocabulary makes a captioner step the costliest
+    num_augs: int = 2
+    num_captions: int = 1
+    caption_max_len: int = 16
+    student: str = "md-student-tiny"
+    distill_steps: int = 200
+    lr: float = 1e-3
+    w_feature: float = 0.0  # CLIP-KD feature distillation towards teacher-m (projected when dimensions differ)
+    eval_every: int = 0
+    bench_runs: int = 50
+    coreml: bool = True
+    seed: int = 0
+
+    @classmethod
+    def fast(cls) -> "QuickstartConfig":
+        """Every stage at toy size: checks the pipeline end to end in a few minutes, not the accuracy."""
+        return cls(limit=300, batch_size=32, teacher_m_steps=12, teacher_s_steps=8, captioner_steps=6,
+                   captioner_batch_size=16, num_augs=2,
+                   num_captions=1, distill_steps=12, bench_runs=10)
+
+
+class _Stages:
+    """Runs named stages in order, printing what each did and how long it took."""
+
+    def __init__(self, total: int, log: Callable[[str], None]):
+        self.total, self.done, self.log, self.times = total, 0, log, {}
+
+    def run(self, name: str, finished: bool, fn: Callable[[], Any], where: Path | str) -> None:
+        self.done += 1
+        if finished:
+            self.log(f"[{self.done}/{self.total}] {name}: reusing {where}")
+            self.times[name] = 0.0
+            return
+        self.log(f"[{self.done}/{self.total}] {name} -> {where}")
+        start = time.time()
+        fn()
+        self.times[name] = round(time.time() - start, 1)
+        self.log(f"[{self.done}/{self.total}] {name}: {self.times[name]:.0f} s")
+
+
+def _is_model_dir(path: Path) -> bool:
+    return (path / "open_clip_config.json").is_file()
+
+
+def quickstart(out_dir: str | Path, config: QuickstartConfig | None = None, progress: bool = True,
+               log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run (or finish) the quickstart in `out_dir`; writes and returns `summary.json`'s content."""
+    from tqdm import tqdm
+
+    from distill.evaluate import evaluate_model, load_eval_data
+    from distill.recipe import DistillConfig, LossWeights
+    from distill.train import distill
+    from reinforced_data import ReinforceConfig, reinforce
+    from reinforced_data.emoji import build_emoji_dataset
+    from teachers.specs import load_model
+    from teachers.train import TeacherTrainConfig, train_teacher
+
+    config = config or QuickstartConfig()
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserInputError(f"{out} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    stages = _Stages(11, log)
+    data = out / "emoji"
+    stages.run("emoji dataset", (data / "manifest.json").is_file(),
+               lambda: build_emoji_dataset(data, limit=config.limit, seed=config.seed, progress=progress), data)
+
+    def teacher(arch: str, steps: int, name: str, batch_size: int) -> None:
+        warmup = max(1, min(100, steps // 4))
+        train_teacher(arch, str(data), out / name,
+                      TeacherTrainConfig(steps=steps, batch_size=batch_size, warmup_steps=warmup, seed=config.seed),
+                      progress=progress, provenance={"command": "mobiledistill quickstart", "stage": name})
+
+    for arch, steps, name, batch in (("md-teacher-m", config.teacher_m_steps, "teacher-m", config.batch_size),
+                                     ("md-teacher-s", config.teacher_s_steps, "teacher-s", config.batch_size),
+                                     ("md-coca-tiny", config.captioner_steps, "captioner",
+                                      config.captioner_batch_size)):
+        stages.run(f"train {name} ({arch}, {steps} steps of {batch})", _is_model_dir(out / name),
+                   lambda a=arch, s=steps, n=name, b=batch: teacher(a, s, n, b), out / name)
+
+    reinforced = out / "reinforced"
+    stages.run(f"reinforce (K={config.num_augs} views, C={config.num_captions} captions)",
+               (reinforced / "config.json").is_file(),
+               lambda: reinforce(str(data), [f"local-dir:{out / 'teacher-m'}", f"local-dir:{out / 'teacher-s'}"],
+                                 reinforced, ReinforceConfig(num_augs=config.num_augs, num_captions=config.num_captions,
+                                                             caption_max_len=config.caption_max_len, seed=config.seed),
+                                 captioners=[f"local-dir:{out / 'captioner'}"], progress=progress), reinforced)
+
+    student = out / "student"
+    recipe = DistillConfig(student=config.student, inherit_from=f"local-dir:{out / 'teacher-m'}",
+                           steps=config.distill_steps, batch_size=config.batch_size, lr=config.lr,
+                           warmup_steps=max(1, config.distill_steps // 10), seed=config.seed,
+                           eval_every=config.eval_every, save_every=max(1, config.distill_steps // 4),
+                           loss=LossWeights(w_clip=0.0, w_kd=1.0, w_feature=config.w_feature, reference_teacher=0))
+    stages.run(f"distill {config.student} ({config.distill_steps} steps, KD, inheriting from teacher-m)",
+               _is_model_dir(student),
+               lambda: distill(str(reinforced), student, recipe, resume=student.exists(), progress=progress,
+                               command="mobiledistill quickstart"), student)
+    stages.run(f"baseline {config.student} ({config.distill_steps} steps, CLIP loss)", _is_model_dir(out / "baseline"),
+               lambda: teacher(config.student, config.distill_steps, "baseline", config.batch_size), out / "baseline")
+
+    splits = ["test"] + (["test_noto"] if (data / "test_noto").is_dir() else [])
+    evals = out / "eval"
+
+    def evaluate_all() -> None:
+        evals.mkdir(exist_ok=True)
+        for split in splits:
+            todo = [n for n in ROLES if not (evals / f"{n}.{split}.json").is_file()]
+            eval_data = load_eval_data(data, split) if todo else None
+            for name in tqdm(todo, desc=f"eval {split}", disable=not progress, leave=False):
+                loaded = load_model(f"local-dir:{out / name}", warn_random=False)
+                _write_json(evals / f"{name}.{split}.json",
+                            evaluate_model(loaded, data, split, progress=False, data=eval_data))
+
+    stages.run(f"evaluate on {', '.join(splits)}", all((evals / f"{n}.{s}.json").is_file() for n in ROLES
+                                                        for s in splits), evaluate_all, evals)
+
+    exports = out / "export"
+    coreml_note = _coreml_note(config.coreml)
+    stages.run("export the student (ONNX fp32 + int8" + (", CoreML" if coreml_note is None else "") + ")",
+               (exports / "student" / "export_report.json").is_file(),
+               lambda: _export(out / "student", exports / "student", data, full=True, coreml=coreml_note is None,
+                               progress=progress, seed=config.seed), exports / "student")
+
+    def time_image_towers() -> None:
+        from export.bench import BenchConfig, bench_export
+
+        for name in ROLES:
+            if not (exports / name / "export_report.json").is_file():
+                _export(out / name, exports / name, data, full=False, coreml=False, progress=progress,
+                        seed=config.seed)
+            result = bench_export(exports / name, BenchConfig(runs=config.bench_runs, warmup=max(3, config.bench_runs
+                                                                                               // 5),
+                                                              threads=(1,), torch_eager=False, coreml=False,
+                                                              progress=progress))
+            _write_json(exports / name / "bench.json", result)
+
+    stages.run("time every image tower (onnxruntime, 1 thread, batch 1)",
+               all((exports / n / "bench.json").is_file() for n in ROLES), time_image_towers, exports)
+
+    summary = _summary(out, data, splits, coreml_note, config, time.time() - start, stages.times)
+    stages.run("summary.json and report.html", False, lambda: _write_outputs(out, summary), out)
+    return summary
+
+
+def _coreml_note(wanted: bool) -> str | None:
+    """None when CoreML packages will be written; else why not (the table says so)."""
+    if not wanted:
+        return "CoreML not requested (--no-coreml)"
+    from export.coreml import coreml_unavailable_reason
+
+    return coreml_unavailable_reason()
+
+
+def _export(model_dir: Path, target: Path, data: Path, full: bool, coreml: bool, progress: bool, seed: int) -> None:
+    """The student in every format (`full`), or one model's image tower in fp32 ONNX for timing."""
+    from export.exporter import ExportConfig, export_model
+
+    if full:
+        config = ExportConfig(formats=("onnx", "coreml") if coreml else ("onnx",), quantize="int8", data=str(data),
+                              progress=progress, seed=seed, extra={"command": "mobiledistill quickstart"})
+    else:
+        config = ExportConfig(formats=("onnx",), towers=("image",), data=str(data), num_parity_samples=4,
+                              progress=progress, seed=seed, extra={"command": "mobiledistill quickstart"})
+    export_model(f"local-dir:{model_dir}", target, config)
+
+
+def _image_latency(bench_path: Path) -> float | None:
+    if not bench_path.is_file():
+        return None
+    rows = [r for r in json.loads(bench_path.read_text())["results"]
+            if r.get("runtime") == "onnxruntime" and r.get("tower") == "image" and r.get("precision") == "fp32"
+            and r.get("threads") == 1 and r.get("batch") == 1]
+    return rows[0]["median_ms"] if rows else None
+
+
+def _summary(out: Path, data: Path, splits: list[str], coreml_note: str | None, config: QuickstartConfig,
+             wall_s: float, stage_times: dict[str, float]) -> dict[str, Any]:
+    from export.report import _count_parameters
+
+    rows = []
+    for name, role in ROLES.items():
+        evaluation = json.loads((out / "eval" / f"{name}.test.json").read_text())
+        counts = _count_parameters(out / name)
+        row = {"name": name, "role": role, "model_dir": str(out / name), "params": counts["params"],
+               "image_params": counts["image_params"], "text_params": counts["text_params"],
+               "top1": evaluation["zeroshot"]["top1"],
+               "retrieval_R@1": evaluation["retrieval"]["image_to_text"]["R@1"],
+               "text_to_image_R@1": evaluation["retrieval"]["text_to_image"]["R@1"],
+               "image_latency_ms": _image_latency(out / "export" / name / "bench.json")}
+        for split in splits[1:]:
+            other = json.loads((out / "eval" / f"{name}.{split}.json").read_text())
+            row[f"{split}_top1"] = other["zeroshot"]["top1"]
+        rows.append(row)
+    by_name = {r["name"]: r for r in rows}
+    student, baseline, teacher = by_name["student"], by_name["baseline"], by_name["teacher-m"]
+    for r in rows:
+        r["speedup_vs_teacher_m"] = (teacher["image_latency_ms"] / r["image_latency_ms"]
+                                     if r["image_latency_ms"] and teacher["image_latency_ms"] else None)
+    report = json.loads((out / "export" / "student" / "export_report.json").read_text())
+    checks = {
+        "student_minus_baseline_points": 100 * (student["top1"] - baseline["top1"]),
+        "student_over_teacher_m_top1": student["top1"] / teacher["top1"] if teacher["top1"] else None,
+        "student_image_speedup_vs_teacher_m": student["speedup_vs_teacher_m"],
+    }
+    return {"data_dir": str(data), "rows": rows, "wall_s": round(wall_s, 1), "split": "test",
+            "checks": checks, "targets": {"student_minus_baseline_points": 3.0, "student_over_teacher_m_top1": 0.85,
+                                          "student_image_speedup_vs_teacher_m": 4.0},
+            "export": {"dir": str(out / "export" / "student"),
+                       "files": sorted(n for n, e in report["files"].items() if e.get("kept", True)),
+                       "int8_zeroshot_change_points": (report.get("zeroshot") or {}).get("top1_change_points"),
+                       "coreml": coreml_note or report.get("coreml_note") or "converted"},
+            "stage_wall_s": stage_times, "config": asdict(config)}
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The final table: params, zero-shot top-1, retrieval R@1, image-tower latency, speed-up over teacher-m."""
+    noto = any("test_noto_top1" in r for r in summary["rows"])
+    head = f"{'model':<10} {'role':<8} {'params (M)':>10} {'image (M)':>9} {'top-1':>6} " + \
+        (f"{'noto':>6} " if noto else "") + f"{'R@1':>6} {'image ms':>8} {'speed-up':>8}"
+    lines = [head, "-" * len(head)]
+
+    def pct(v):
+        return "-" if v is None else f"{100 * v:.1f}"
+
+    for r in summary["rows"]:
+        ms = "-" if r["image_latency_ms"] is None else f"{r['image_latency_ms']:.2f}"
+        speed = "-" if r["speedup_vs_teacher_m"] is None else f"{r['speedup_vs_teacher_m']:.1f}x"
+        lines.append(f"{r['name']:<10} {r['role']:<8} {r['params'] / 1e6:>10.2f} {r['image_params'] / 1e6:>9.2f} "
+                     f"{pct(r['top1']):>6} " + (f"{pct(r.get('test_noto_top1')):>6} " if noto else "") +
+                     f"{pct(r['retrieval_R@1']):>6} {ms:>8} {speed:>8}")
+    c, t = summary["checks"], summary["targets"]
+
+    def verdict(key, fmt):
+        value = c[key]
+        if value is None:
+            return "n/a"
+        return f"{fmt.format(value)} ({'meets' if value >= t[key] else 'MISSES'} the target {fmt.format(t[key])})"
+
+    lines += [""]
+    if summary["config"].get("limit") is not None:
+        lines.append(f"toy sizes (a {summary['config']['limit']}-emoji subset): the targets apply to the full run")
+    lines += [f"student - baseline: {verdict('student_minus_baseline_points', '{:+.1f} points')}",
+              f"student / teacher-m top-1: {verdict('student_over_teacher_m_top1', '{:.0%}')}",
+              f"student image tower vs teacher-m's: {verdict('student_image_speedup_vs_teacher_m', '{:.1f}x')} "
+              "faster",
+              f"exported: {', '.join(summary['export']['files'])} in {summary['export']['dir']}; CoreML: "
+              f"{summary['export']['coreml']}",
+              f"wall time {summary['wall_s'] / 60:.1f} min (zero-shot top-1 and R@1 in %, test split; latency: "
+              "onnxruntime fp32, 1 thread, batch 1)"]
+    return "\n".join(lines)
+
+
+def _write_outputs(out: Path, summary: dict[str, Any]) -> None:
+    import html
+
+    from export.report import _write_atomic, render_report
+
+    rows = [{**r, "path": r["model_dir"], "text_latency_ms": None,
+             "latency_source": "onnxruntime fp32, 1 thread (quickstart)"} for r in summary["rows"]]
+    intro = (f"<p>The quickstart on <code>{html.escape(summary['data_dir'])}</code>, "
+             f"{summary['wall_s'] / 60:.1f} minutes.</p><pre>{html.escape(format_summary(summary))}</pre>")
+    _write_atomic(out / "report.html", render_report(rows, "mobiledistill quickstart", intro))
+    _write_json(out / "summary.json", summary)
+
+
+def _write_json(path: Path, value: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(value, indent=2))
+    os.replace(tmp, path)
