@@ -43,7 +43,8 @@ from distill.errors import UserInputError
 from teachers.pruned import VariableWidthBlock
 
 __all__ = ["BETA", "LIMIT_LEFT", "LIMIT_RIGHT", "sample_hard_concrete", "keep_probability", "MaskedLayerNorm",
-           "TowerShape", "tower_shapes", "tower_parameter_count", "L0Masks", "attach_masks", "prune_model"]
+           "TowerShape", "tower_shapes", "tower_parameter_count", "L0Masks", "attach_masks", "prune_model",
+           "source_pruning"]
 
 BETA, LIMIT_LEFT, LIMIT_RIGHT = 2 / 3, -0.1, 1.1
 _EPS = 1e-6
@@ -75,9 +76,10 @@ class MaskedLayerNorm(open_clip.transformer.LayerNorm):
             return super().forward(x)
         z = self.mask  # (D,)
         count = z.sum()
-        mean = (x * z).sum(dim=-1, keepdim=True) / count  # (..., 1)
-        var = ((x - mean).pow(2) * z).sum(dim=-1, keepdim=True) / count  # (..., 1)
-        return ((x - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias) * z
+        centered = x - (x @ z).unsqueeze(-1) / count  # (..., D), the gate-weighted mean removed
+        var = (centered * centered) @ z / count  # (...,)
+        normed = centered * torch.rsqrt(var + self.eps).unsqueeze(-1)  # (..., D)
+        return torch.addcmul(self.bias * z, normed, self.weight * z)  # gates folded into the affine part
 
 
 # ------------------------------------------------------------------------------------------------ tower structure
@@ -244,10 +246,17 @@ class L0Masks(nn.Module):
                 block.head_mask = None if gates is None else gates[_group_key(shape.name, "heads", layer)]
                 block.mlp_mask = None if gates is None else gates[_group_key(shape.name, "mlp", layer)]
 
-    @torch.no_grad()
-    def clamp_(self) -> None:
-        for v in self.log_alpha.values():
-            v.clamp_(*_LOG_ALPHA_RANGE)
+    def update(self, optimizer: torch.optim.Optimizer, accelerator=None) -> None:
+        """One step of the gates (descent) and multipliers (ascent); gradients averaged over processes first."""
+        if accelerator is not None and accelerator.num_processes > 1:
+            for p in self.parameters():
+                if p.grad is not None:
+                    p.grad = accelerator.reduce(p.grad, reduction="mean")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for v in self.log_alpha.values():
+                v.clamp_(*_LOG_ALPHA_RANGE)
 
     # ---- parameter counts and the constraint
 
@@ -281,7 +290,7 @@ class L0Masks(nn.Module):
         q = self.target_at(step)
         gap = q - p
         return {"sparsity_loss": self.lambda_1 * gap + self.lambda_2 * gap * gap,
-                "expected_sparsity": p.detach(), "target_sparsity": torch.tensor(q),
+                "expected_sparsity": p.detach(), "target_sparsity": torch.tensor(q, device=p.device),
                 "lambda_1": self.lambda_1.detach().clone(), "lambda_2": self.lambda_2.detach().clone()}
 
 
@@ -306,6 +315,8 @@ def attach_masks(model: nn.Module, reference_params: int | None, start_sparsity:
 
     `reference_params`: the original model's tower parameters (sparsity is measured against it; default: this
     model's). `start_sparsity`: q at step 0 (default: this model's sparsity against the reference)."""
+    if not 0 <= target_sparsity < 1:
+        raise UserInputError(f"target sparsity {target_sparsity} must be in [0, 1)")
     towers = _tower_modules(model)
     if not towers:
         raise UserInputError("the model has no open_clip transformer tower to prune")
@@ -322,11 +333,20 @@ def attach_masks(model: nn.Module, reference_params: int | None, start_sparsity:
     masked = sum(s.count(s.width, s.heads, s.mlp) for s in shapes)
     reference = reference_params or total
     start = 1 - total / reference if start_sparsity is None else start_sparsity
-    if not 0 <= target_sparsity < 1:
-        raise UserInputError(f"target sparsity {target_sparsity} must be in [0, 1)")
     if target_sparsity < start - 1e-6:
         raise UserInputError(f"target sparsity {target_sparsity} is below the source's sparsity {start:.3f}")
     return L0Masks(shapes, reference, total - masked, start, target_sparsity, warmup_steps, init_log_alpha)
+
+
+def source_pruning(spec: str | None) -> dict[str, Any]:
+    """What an earlier stage recorded about its pruning (`prune` in its mobiledistill.json), else {}."""
+    from teachers.model_dir import read_provenance
+    from teachers.specs import parse_model_spec
+
+    if not spec:
+        return {}
+    parsed = parse_model_spec(spec)
+    return (read_provenance(parsed.name).get("prune") or {}) if parsed.kind == "local-dir" else {}
 
 
 # ------------------------------------------------------------------------------------------------------ slicing

@@ -30,8 +30,8 @@ VARIABLE_WIDTH_KEYS = ("layer_heads", "layer_mlp_widths")
 class VariableWidthAttention(nn.Module):
     """Self-attention with `heads` heads of `head_dim` on a `width`-wide residual stream (any of the three may differ
     from the others' usual ratio). Parameter names follow `nn.MultiheadAttention`: packed `in_proj_weight`
-    (3 * heads * head_dim, width) as [q; k; v] and `out_proj`. Written out as matrix products and a softmax, the form
-    that exports to a short ONNX graph."""
+    (3 * heads * head_dim, width) as [q; k; v] and `out_proj`. Fused attention in PyTorch; written out as matrix
+    products and a softmax under ONNX export, the form that exports to a short graph."""
 
     def __init__(self, width: int, heads: int, head_dim: int):
         super().__init__()
@@ -48,19 +48,27 @@ class VariableWidthAttention(nn.Module):
         heads, head_dim = self.num_heads, self.head_dim
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, L, 3 * H * Dh)
         q, k, v = qkv.chunk(3, dim=-1)  # (B, L, H * Dh) each
-        q = q.reshape(batch, length, heads, head_dim).transpose(1, 2) * head_dim ** -0.5  # (B, H, L, Dh)
-        k = k.reshape(batch, length, heads, head_dim).permute(0, 2, 3, 1)  # (B, H, Dh, L)
+        q = q.reshape(batch, length, heads, head_dim).transpose(1, 2)  # (B, H, L, Dh)
         v = v.reshape(batch, length, heads, head_dim).transpose(1, 2)  # (B, H, L, Dh)
-        scores = q @ k  # (B, H, L, L)
-        if attn_mask is not None:
-            if attn_mask.dtype == torch.bool:  # True marks the positions to leave out (nn.MultiheadAttention's rule)
-                attn_mask = torch.zeros_like(attn_mask, dtype=q.dtype).masked_fill(attn_mask, float("-inf"))
-            scores = scores + attn_mask.to(q.dtype)
-        out = scores.softmax(dim=-1) @ v  # (B, H, L, Dh)
-        if head_mask is not None:  # learned gates during automatic inheritance, one per head
-            out = out * head_mask.view(1, heads, 1, 1)
+        if attn_mask is not None and attn_mask.dtype == torch.bool:  # True: leave out (nn.MultiheadAttention's rule)
+            attn_mask = torch.zeros_like(attn_mask, dtype=q.dtype).masked_fill(attn_mask, float("-inf"))
+        attn_mask = attn_mask.to(q.dtype) if attn_mask is not None else None
+        if torch.onnx.is_in_onnx_export():  # written out: the short ONNX graph (see export.towers)
+            k = k.reshape(batch, length, heads, head_dim).permute(0, 2, 3, 1)  # (B, H, Dh, L)
+            scores = (q * head_dim ** -0.5) @ k  # (B, H, L, L)
+            if attn_mask is not None:
+                scores = scores + attn_mask
+            out = scores.softmax(dim=-1) @ v  # (B, H, L, Dh)
+        else:  # fused kernels for training and eager inference, the same math
+            k = k.reshape(batch, length, heads, head_dim).transpose(1, 2)  # (B, H, L, Dh)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, H, L, Dh)
         out = out.transpose(1, 2).reshape(batch, length, heads * head_dim)  # (B, L, H * Dh)
-        return self.out_proj(out)
+        if head_mask is None:
+            return self.out_proj(out)
+        # learned gates during automatic inheritance, one per head: scaling a head's output is scaling its columns
+        # of the output projection, far cheaper than touching the activations
+        gates = head_mask.repeat_interleave(head_dim)  # (H * Dh,)
+        return F.linear(out, self.out_proj.weight * gates, self.out_proj.bias)
 
 
 class VariableWidthBlock(nn.Module):
@@ -96,10 +104,11 @@ class VariableWidthBlock(nn.Module):
     def forward(self, q_x: torch.Tensor, k_x: torch.Tensor | None = None, v_x: torch.Tensor | None = None,
                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         x = q_x + self.ls_1(self.attn(self.ln_1(q_x), attn_mask=attn_mask, head_mask=self.head_mask))
+        if self.mlp_mask is None:
+            return x + self.ls_2(self.mlp(self.ln_2(x)))
         hidden = self.mlp.gelu(self.mlp.c_fc(self.ln_2(x)))  # (B, L, M)
-        if self.mlp_mask is not None:
-            hidden = hidden * self.mlp_mask
-        return x + self.ls_2(self.mlp.c_proj(hidden))
+        out = F.linear(hidden, self.mlp.c_proj.weight * self.mlp_mask, self.mlp.c_proj.bias)  # gates on the columns
+        return x + self.ls_2(out)
 
 
 def _with_variable_blocks(build, tower_kind: str):
