@@ -25,7 +25,8 @@ names and math as open_clip's blocks) and their LayerNorms `MaskedLayerNorm`s, w
 channels only. So the gates act as if the pruned channels were gone: every read of the residual stream goes through
 such a LayerNorm, and what is written into pruned channels is never read. At the prune step the gates become
 deterministic (in each group the round(expected count) gates with the largest log_alpha stay, at 1; at least one
-per group) and `prune_model` slices the weights into a smaller model with those widths: not zeros, fewer rows and
+per group; one offset common to every log_alpha is searched so that the count meets the target even when the
+constraint has not fully converged, keeping the learned ranking) and `prune_model` slices the weights into a smaller model with those widths: not zeros, fewer rows and
 columns. Its config carries per-layer head counts and MLP widths (`teachers.pruned`).
 """
 
@@ -212,6 +213,7 @@ class L0Masks(nn.Module):
                 self.log_alpha[_group_key(s.name, "mlp", layer)] = nn.Parameter(torch.full((m,), init_log_alpha))
         self.lambda_1 = nn.Parameter(torch.zeros(()))
         self.lambda_2 = nn.Parameter(torch.zeros(()))
+        self.offset = 0.0  # the common log_alpha offset the last deterministic(target) call needed
 
     def optimizer(self, lr: float, lambda_lr: float) -> torch.optim.Optimizer:
         """Adam on the gates (descent) and on the multipliers (ascent)."""
@@ -225,11 +227,30 @@ class L0Masks(nn.Module):
         return {k: sample_hard_concrete(v) for k, v in self.log_alpha.items()}
 
     @torch.no_grad()
-    def deterministic(self) -> dict[str, torch.Tensor]:
-        """0/1 gates: in each group the round(expected kept count) gates with the largest log_alpha (at least one)."""
+    def deterministic(self, target_sparsity: float | None = None) -> dict[str, torch.Tensor]:
+        """0/1 gates: in each group the round(expected kept count) gates with the largest log_alpha (at least one).
+
+        With `target_sparsity`, one offset added to every log_alpha is searched so that the gates meet it as
+        closely as rounding allows: the learned ranking within and across groups stays, and a constraint that has
+        not fully converged by the prune step still yields the asked size (the offset is 0 when it has)."""
+        if target_sparsity is None:
+            return self._gates_at(0.0)
+        wanted = (1 - target_sparsity) * self.reference_params
+        low, high = -30.0, 30.0  # params_of grows with the offset
+        for _ in range(50):
+            mid = (low + high) / 2
+            if self.params_of(self._gates_at(mid)) > wanted:
+                high = mid
+            else:
+                low = mid
+        best = min((low, high), key=lambda o: abs(self.params_of(self._gates_at(o)) - wanted))
+        self.offset = best
+        return self._gates_at(best)
+
+    def _gates_at(self, offset: float) -> dict[str, torch.Tensor]:
         gates = {}
         for key, log_alpha in self.log_alpha.items():
-            kept = min(len(log_alpha), max(1, round(keep_probability(log_alpha).sum().item())))
+            kept = min(len(log_alpha), max(1, round(keep_probability(log_alpha + offset).sum().item())))
             z = torch.zeros_like(log_alpha)
             z[log_alpha.topk(kept).indices] = 1.0
             gates[key] = z
@@ -386,8 +407,10 @@ def _slice_tensor(name: str, value: torch.Tensor, hidden: torch.Tensor, heads, m
 def prune_model(model: nn.Module, model_cfg: dict[str, Any], masks: L0Masks,
                 gates: dict[str, torch.Tensor] | None = None) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
     """Slice `model` to the kept channels, heads and MLP units of the 0/1 `gates` (default: the masks'
-    deterministic ones). Returns the smaller model (masks gone), its open_clip config and a report."""
-    gates = masks.deterministic() if gates is None else gates
+    deterministic ones at their target sparsity). Returns the smaller model (masks gone), its open_clip config and a
+    report (target, achieved and expected sparsity, the log_alpha offset the target needed, the kept widths)."""
+    expected = float(masks.expected_sparsity().detach())
+    gates = masks.deterministic(masks.target_sparsity) if gates is None else gates
     cfg = copy.deepcopy(model_cfg)
     state = model.state_dict()
     new_state = {k: v for k, v in state.items()}
@@ -415,11 +438,11 @@ def prune_model(model: nn.Module, model_cfg: dict[str, Any], masks: L0Masks,
         open_clip.model.set_model_preprocess_cfg(pruned, preprocess)
     pruned = pruned.to(next(model.parameters()).device)
     params = tower_parameter_count(pruned)
-    expected = masks.params_of(gates)
-    if params != expected:
-        raise RuntimeError(f"sliced model has {params} tower parameters, the gates say {expected}")
+    counted = masks.params_of(gates)
+    if params != counted:
+        raise RuntimeError(f"sliced model has {params} tower parameters, the gates say {counted}")
     report = {"reference_params": masks.reference_params, "params": params,
               "target_sparsity": masks.target_sparsity, "achieved_sparsity": 1 - params / masks.reference_params,
-              "expected_sparsity": float(masks.expected_sparsity().detach()), "layout": layout}
+              "expected_sparsity": expected, "log_alpha_offset": masks.offset, "layout": layout}
     return pruned, cfg, report
 

@@ -70,6 +70,9 @@ def test_expected_sparsity_matches_sampled_masks():
     assert empirical == pytest.approx(masks.expected_sparsity().item(), abs=0.01)
     deterministic = 1 - masks.params_of(masks.deterministic()) / masks.reference_params
     assert deterministic == pytest.approx(masks.expected_sparsity().item(), abs=0.05)
+    for target in (0.3, 0.5, 0.7):  # a common log_alpha offset meets any target, keeping the learned ranking
+        met = 1 - masks.params_of(masks.deterministic(target)) / masks.reference_params
+        assert met == pytest.approx(target, abs=0.005)
 
 
 def test_penalty_sign_gradients_and_ascent_on_the_multipliers():
