@@ -126,10 +126,11 @@ def main() -> None:
         print(f"| {name} | {params} | {sparsity} | {100 * zeroshot.get('top1', float('nan')):.1f}% | "
               f"{100 * retrieval.get('R@1', float('nan')):.1f}% | {ms.get('image_encoder.onnx', float('nan')):.2f} | "
               f"{ms.get('text_encoder.onnx', float('nan')):.2f} | {wall:.0f} |")
-    for name, params, prune, evaluation, ms, provenance in rows:
+    for name, _, prune, _, _, provenance in rows:
         for stage in provenance.get("stages", []):
             print(f"  {name} stage {stage['stage']}: target {stage['target_sparsity']:.3f}, achieved "
-                  f"{stage['achieved_sparsity']:.3f}, {stage['params']} params, top-1 {100 * (stage['top1'] or 0):.1f}%")
+                  f"{stage['achieved_sparsity']:.3f}, {stage['params']} params, "
+                  f"top-1 {100 * (stage['top1'] or 0):.1f}%")
         if prune.get("layout"):
             for tower, layout in prune["layout"].items():
                 print(f"  {name} {tower}: width {layout['width']}/{layout['from_width']}, heads "

@@ -26,8 +26,9 @@ channels only. So the gates act as if the pruned channels were gone: every read 
 such a LayerNorm, and what is written into pruned channels is never read. At the prune step the gates become
 deterministic (in each group the round(expected count) gates with the largest log_alpha stay, at 1; at least one
 per group; one offset common to every log_alpha is searched so that the count meets the target even when the
-constraint has not fully converged, keeping the learned ranking) and `prune_model` slices the weights into a smaller model with those widths: not zeros, fewer rows and
-columns. Its config carries per-layer head counts and MLP widths (`teachers.pruned`).
+constraint has not fully converged, keeping the learned ranking) and `prune_model` slices the weights into a
+smaller model with those widths: not zeros, fewer rows and columns. Its config carries per-layer head counts and
+MLP widths (`teachers.pruned`).
 """
 
 import copy
@@ -199,7 +200,7 @@ class L0Masks(nn.Module):
     """
 
     def __init__(self, shapes: list[TowerShape], reference_params: int, fixed_params: int, start_sparsity: float,
-                 target_sparsity: float, warmup_steps: int, init_log_alpha: float = 5.0):
+                 target_sparsity: float, warmup_steps: int, init_log_alpha: float = 3.0):
         super().__init__()
         self.shapes = shapes
         self.reference_params, self.fixed_params = int(reference_params), int(fixed_params)
@@ -331,7 +332,7 @@ def _prunable_block(block: nn.Module) -> VariableWidthBlock:
 
 
 def attach_masks(model: nn.Module, reference_params: int | None, start_sparsity: float | None,
-                 target_sparsity: float, warmup_steps: int, init_log_alpha: float = 5.0) -> L0Masks:
+                 target_sparsity: float, warmup_steps: int, init_log_alpha: float = 3.0) -> L0Masks:
     """Make `model`'s transformer towers prunable (in place) and return their gates.
 
     `reference_params`: the original model's tower parameters (sparsity is measured against it; default: this

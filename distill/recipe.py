@@ -37,9 +37,9 @@ class PruneConfig:
     start_sparsity: float | None = None  # q at the stage's first step (default: the source's own sparsity)
     warmup: float = 0.5  # fraction of the masked steps over which q rises linearly to the target
     prune_at: float = 0.67  # fraction of the stage's steps after which the model is sliced (the rest fine-tunes)
-    mask_lr: float = 0.1  # Adam on the gates' log_alpha
-    lambda_lr: float = 0.05  # Adam ascent on the Lagrange multipliers
-    init_log_alpha: float = 5.0  # gates start open (P(z != 0) = 0.998)
+    mask_lr: float = 0.2  # Adam on the gates' log_alpha
+    lambda_lr: float = 1.0  # Adam ascent on the Lagrange multipliers (fast: stages here are a few hundred steps)
+    init_log_alpha: float = 3.0  # gates start open (P(z != 0) = 0.99)
 
 
 @dataclass

@@ -2,8 +2,9 @@
 
 Importing this package registers mobiledistill's shipped architectures (`md-teacher-s`, `md-teacher-m`,
 `md-coca-tiny`, `md-student-tiny`, ...) with open_clip, and teaches open_clip's tower builders the per-layer
-head counts and MLP widths of automatically inherited models (`teachers.pruned`). The other public names load on first use, so that
-importing the package stays cheap and free of import cycles with `reinforced_data` and `distill`.
+head counts and MLP widths of automatically inherited models (`teachers.pruned`). The other public names load on
+first use, so that importing the package stays cheap and free of import cycles with `reinforced_data` and
+`distill`.
 """
 
 import importlib

