@@ -64,6 +64,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--stages", default="0.25", help="comma-separated intermediate targets before the final one")
     parser.add_argument("--prune-at", type=float, default=0.67, help="fraction of each stage's steps masked")
+    parser.add_argument("--lambda-lr", type=float, default=None, help="override prune.lambda_lr of the recipe")
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--latency-runs", type=int, default=100)
     args = parser.parse_args()
@@ -92,6 +93,8 @@ def main() -> None:
     recipe = yaml.safe_load((REPO / "recipes" / "emoji-auto-inherit.yaml").read_text())
     recipe["batch_size"] = args.batch_size
     recipe["prune"]["prune_at"] = args.prune_at
+    if args.lambda_lr is not None:
+        recipe["prune"]["lambda_lr"] = args.lambda_lr
     recipe["stages"] = [{"steps": n, "prune": {"target_sparsity": q}} for n, q in zip(per_stage, targets)]
     recipe_path = out / "auto-recipe.yaml"
     recipe_path.write_text("# written by bench/auto_inherit.py\n" + yaml.safe_dump(recipe, sort_keys=False))

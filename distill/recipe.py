@@ -38,7 +38,7 @@ class PruneConfig:
     warmup: float = 0.5  # fraction of the masked steps over which q rises linearly to the target
     prune_at: float = 0.67  # fraction of the stage's steps after which the model is sliced (the rest fine-tunes)
     mask_lr: float = 0.2  # Adam on the gates' log_alpha
-    lambda_lr: float = 1.0  # Adam ascent on the Lagrange multipliers (fast: stages here are a few hundred steps)
+    lambda_lr: float = 0.3  # Adam ascent on the Lagrange multipliers (fast: stages here are a few hundred steps)
     init_log_alpha: float = 3.0  # gates start open (P(z != 0) = 0.99)
 
 

@@ -138,6 +138,12 @@ def test_sliced_model_equals_masked_model_and_loads_with_open_clip(arch, tmp_pat
         assert torch.allclose(again.encode_image(images), masked[0], atol=1e-5)
         assert torch.allclose(again.encode_text(texts), masked[1], atol=1e-5)
     assert load_model(str(out)).model_cfg["vision_cfg"]["layer_heads"] == vision["layer_heads"]
+    if arch == "md-student-tiny":  # export works on it and checks the ONNX towers against eager PyTorch
+        from export.exporter import ExportConfig, export_model
+
+        report = export_model(str(out), tmp_path / "export", ExportConfig(formats=("onnx",), progress=False))
+        assert report["files"]["image_encoder.onnx"]["min_cosine"] > 0.9999
+        assert report["files"]["text_encoder.onnx"]["min_cosine"] > 0.9999
 
 
 def test_masks_refuse_what_they_cannot_prune():
