@@ -154,18 +154,20 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 def _cmd_distill(args: argparse.Namespace) -> int:
     from distill.recipe import load_recipe
+    from distill.stages import is_staged, run_stages
     from distill.train import distill
 
     overrides = list(args.overrides)
     for key, value in (("student", args.student), ("inherit_from", args.inherit_from), ("steps", args.steps),
-                       ("save_every", args.save_every), ("batch_size", args.batch_size)):
+                       ("save_every", args.save_every), ("batch_size", args.batch_size),
+                       ("student_from", args.student_from), ("prune.target_sparsity", args.target_sparsity)):
         if value is not None:
             overrides.append(f"{key}={value}")
     config = load_recipe(args.config, overrides)
     if args.online_teacher:
         config.online_teachers = list(args.online_teacher)
-    summary = distill(args.data, args.out, config, images=args.images, resume=args.resume,
-                      command=" ".join(sys.argv))
+    run = run_stages if is_staged(config) else distill  # stages / masks: distill.stages
+    summary = run(args.data, args.out, config, images=args.images, resume=args.resume, command=" ".join(sys.argv))
     if summary.get("evaluation"):
         print(_eval_line({**summary["evaluation"], "model": args.out}))
     print(f"wrote {args.out}: {summary['steps']} steps in {summary['wall_s']} s, "
@@ -320,7 +322,13 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--online-teacher", action="append", default=None, metavar="SPEC",
                     help="run this teacher in the loop instead of the stored embeddings (repeat for an ensemble); "
                          "--data may then be plain image-text shards")
-    ds.add_argument("--config", default=None, help="recipe YAML (recipes/*.yaml)")
+    ds.add_argument("--student-from", default=None, metavar="SPEC",
+                    help="start the student as a copy of this model (teacher or earlier stage); with "
+                         "--target-sparsity, learned masks prune it (automatic inheritance)")
+    ds.add_argument("--target-sparsity", type=float, default=None,
+                    help="fraction of the source's tower parameters to remove (recipe key prune.target_sparsity)")
+    ds.add_argument("--config", "--recipe", dest="config", default=None,
+                    help="recipe YAML (recipes/*.yaml); a recipe with stages runs them in order")
     ds.add_argument("--steps", type=int, default=None)
     ds.add_argument("--batch-size", type=int, default=None)
     ds.add_argument("--save-every", type=int, default=None, help="save_state checkpoint every N steps")

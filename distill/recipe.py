@@ -4,6 +4,7 @@ Unknown keys are errors (a typo must not silently fall back to a default). The r
 run directory, so a run can be repeated from what it wrote.
 """
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +14,7 @@ import yaml
 
 from distill.errors import UserInputError
 
-__all__ = ["LossWeights", "DistillConfig", "load_recipe", "apply_overrides"]
+__all__ = ["LossWeights", "PruneConfig", "DistillConfig", "load_recipe", "apply_overrides", "stage_config"]
 
 
 @dataclass
@@ -30,10 +31,24 @@ class LossWeights:
 
 
 @dataclass
+class PruneConfig:
+    """Automatic inheritance (`distill.prune`): learned masks on a copy of `student_from`, then slicing."""
+
+    target_sparsity: float = 0.0  # fraction of the original model's tower parameters removed (0: no masks)
+    start_sparsity: float | None = None  # q at the stage's first step (default: the source's own sparsity)
+    warmup: float = 0.5  # fraction of the masked steps over which q rises linearly to the target
+    prune_at: float = 0.67  # fraction of the stage's steps after which the model is sliced (the rest fine-tunes)
+    mask_lr: float = 0.2  # Adam on the gates' log_alpha
+    lambda_lr: float = 0.3  # Adam ascent on the Lagrange multipliers (fast: stages here are a few hundred steps)
+    init_log_alpha: float = 3.0  # gates start open (P(z != 0) = 0.99)
+
+
+@dataclass
 class DistillConfig:
     student: str = "md-student-tiny"
     inherit_from: str | None = None
     lock_text: bool | None = None  # None: lock a pretrained Hugging Face text tower (LiT), train everything else
+    student_from: str | None = None  # start the student as a copy of this model (teacher or an earlier stage)
     online_teachers: list[str] = field(default_factory=list)  # run these teachers in the loop instead of stored ones
     steps: int = 300
     batch_size: int = 128
@@ -52,6 +67,8 @@ class DistillConfig:
     log_every: int = 10
     shuffle_buffer: int = 2000
     loss: LossWeights = field(default_factory=LossWeights)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    stages: list[dict] = field(default_factory=list)  # progressive runs: each entry overrides keys for one stage
 
 
 def _set(config: Any, dotted: str, value: Any) -> None:
@@ -108,4 +125,21 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> DistillCo
             raise UserInputError(f"{path} must hold a mapping of recipe keys")
         for key, value in data.items():
             _set(config, key, value)
-    return apply_overrides(config, list(overrides))
+    config = apply_overrides(config, list(overrides))
+    for index in range(len(config.stages)):  # a typo in a stage fails now, not hours later
+        stage_config(config, index)
+    return config
+
+
+def stage_config(config: DistillConfig, index: int) -> DistillConfig:
+    """The config of stage `index`: the recipe's keys with that stage's entries on top (and no stages)."""
+    stage = config.stages[index]
+    if not isinstance(stage, dict):
+        raise UserInputError(f"stage {index} must be a mapping of recipe keys, got {stage!r}")
+    resolved = copy.deepcopy(config)
+    resolved.stages = []
+    for key, value in stage.items():
+        if key == "stages":
+            raise UserInputError("a stage cannot hold stages")
+        _set(resolved, key, value)
+    return resolved

@@ -31,6 +31,7 @@ from tqdm import tqdm
 from distill.errors import UserInputError
 from distill.inherit import inherit_weights
 from distill.losses import affinity_mimicking_loss, clip_loss, ensemble_kd_loss, feature_distillation_loss
+from distill.prune import attach_masks, prune_model, source_pruning, tower_parameter_count
 from distill.recipe import DistillConfig
 from reinforced_data.augment import (
     AugmentationConfig,
@@ -260,6 +261,10 @@ def distill(data: str, run_dir: str | Path, config: DistillConfig, images: str |
         raise UserInputError(f"{run_dir} is not empty: pass --resume to continue it, or pick another --out")
     if config.steps <= 0 or config.batch_size <= 0:
         raise UserInputError("steps and batch_size must be positive")
+    if config.student_from and config.inherit_from:
+        raise UserInputError("give either student_from (a copy of a model) or inherit_from (a slice into --student)")
+    if config.prune.target_sparsity > 0 and not config.student_from:
+        raise UserInputError("a target sparsity needs --student-from (the model whose copy is masked and pruned)")
     if config.aug_sampling not in ("random", "sequential"):
         raise UserInputError("aug_sampling must be 'random' or 'sequential'")
     plain_urls = _plain_image_text_shards(data)
@@ -287,7 +292,7 @@ def distill(data: str, run_dir: str | Path, config: DistillConfig, images: str |
         raise UserInputError(f"batch_size {config.batch_size} is not divisible by the {accelerator.num_processes} "
                              "processes")
     set_seed(config.seed)
-    loaded = load_model(config.student, device=accelerator.device, warn_random=False)
+    loaded = load_model(config.student_from or config.student, device=accelerator.device, warn_random=False)
     model = loaded.model
     size = loaded.preprocess_cfg["size"]
     size = size if isinstance(size, int) else size[0]
@@ -321,6 +326,13 @@ def distill(data: str, run_dir: str | Path, config: DistillConfig, images: str |
         model.lock_text_tower(unlocked_layers=0, freeze_layer_norm=True)
         if is_hf_text(model):  # a locked tower's pooled output never changes: computed once per distinct text
             locked_cache = LockedTextCache(model.text, loaded.tokenizer, accelerator.device)
+    masks, pruning = None, source_pruning(config.student_from)
+    if config.prune.target_sparsity > 0:  # automatic inheritance: learned masks, sliced at the end (distill.prune)
+        masks = attach_masks(model, pruning.get("reference_params"), config.prune.start_sparsity,
+                             config.prune.target_sparsity, round(config.prune.warmup * config.steps),
+                             config.prune.init_log_alpha).to(accelerator.device)
+        mask_optimizer = masks.optimizer(config.prune.mask_lr, config.prune.lambda_lr)
+        accelerator.register_for_checkpointing(masks, mask_optimizer)
     student_dim, ref_dim = loaded.embed_dim, dims[config.loss.reference_teacher]
     projection = nn.Linear(student_dim, ref_dim, bias=False).to(accelerator.device) \
         if config.loss.w_feature and student_dim != ref_dim else None
@@ -369,7 +381,11 @@ def distill(data: str, run_dir: str | Path, config: DistillConfig, images: str |
                 if ensemble is not None:
                     t_image, t_real, t_syn = _online_teacher_embeddings(ensemble, teacher_views, real, syn)
                 batch = [views.to(accelerator.device), real, syn, t_image, t_real, t_syn]
+                if masks is not None:
+                    masks.apply(unwrapped, masks.sample())
                 terms = compute_losses(unwrapped, batch, encode_text, config, dims, teacher_scales, projection)
+                if masks is not None:
+                    terms.update(masks.lagrangian(step))
                 loss = sum(v for k, v in terms.items() if k.endswith("_loss"))
                 # the global batch's values (the mean of the processes' is the one-process loss), in one all-reduce
                 means = accelerator.reduce(torch.stack([v.detach().float() for v in terms.values()]), reduction="mean")
@@ -380,6 +396,8 @@ def distill(data: str, run_dir: str | Path, config: DistillConfig, images: str |
                     raise UserInputError(f"loss is {global_loss.item()} at step {step}; last good checkpoint: "
                                          f"{last if last else 'none (no checkpoint saved yet)'}")
                 optimizer_step(accelerator, model, optimizer, scheduler, loss, config.grad_clip)
+                if masks is not None and accelerator.sync_gradients:
+                    masks.update(mask_optimizer, accelerator)
         with torch.no_grad():
             unwrapped.logit_scale.clamp_(0, math.log(100))
         done = step + 1
@@ -388,6 +406,8 @@ def distill(data: str, run_dir: str | Path, config: DistillConfig, images: str |
             row = {"step": step, "loss": global_loss.item(), "lr": scheduler.get_last_lr()[0],
                    **{k: v.item() for k, v in terms.items()}, "elapsed_s": round(time.time() - start, 2)}
             if can_eval and config.eval_every and done % config.eval_every == 0 and done < config.steps:
+                if masks is not None:  # the model the prune step would cut now
+                    masks.apply(unwrapped, masks.deterministic())
                 row["eval_top1"] = evaluate_model(loaded, eval_root, config.eval_split,
                                                   progress=False).get("zeroshot", {}).get("top1", float("nan"))
                 model.train()
@@ -406,6 +426,13 @@ def distill(data: str, run_dir: str | Path, config: DistillConfig, images: str |
     summary: dict[str, Any] = {"steps": config.steps, "wall_s": round(time.time() - start, 1),
                                "final_loss": rows[-1]["loss"], "resumed_from": start_step,
                                "skipped_samples": stream.skipped}
+    if masks is not None:  # the prune step: deterministic masks, weights sliced, masks gone
+        unwrapped, loaded.model_cfg, pruning = prune_model(unwrapped, loaded.model_cfg, masks)
+        loaded.model = unwrapped
+    elif pruning:  # a continuation of a pruned model keeps its record
+        pruning = {**pruning, "params": tower_parameter_count(unwrapped),
+                   "achieved_sparsity": 1 - tower_parameter_count(unwrapped) / pruning["reference_params"]}
+    summary["prune"] = pruning or None
     if accelerator.is_main_process:
         log_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         _plot_curves(rows, run_dir / "curves.png")
@@ -413,7 +440,7 @@ def distill(data: str, run_dir: str | Path, config: DistillConfig, images: str |
         provenance = {"command": command, "recipe": asdict(config), "data": str(data), "images": images,
                       "teachers": teacher_records, "online_teachers": bool(config.online_teachers),
                       "steps": config.steps, "seed": config.seed, "train": summary,
-                      "inheritance": inheritance.as_dict() if inheritance else None,
+                      "inheritance": inheritance.as_dict() if inheritance else None, "prune": pruning or None,
                       "text_locked": locked_cache is not None, "evaluation": evaluation}
         write_model_files(unwrapped, loaded.model_cfg, run_dir, tokenizer=loaded.tokenizer, provenance=provenance)
         summary["evaluation"] = evaluation

@@ -1,15 +1,19 @@
 """Teachers and captioners: load any model spec, ensemble teachers, generate captions, train or fine-tune them.
 
 Importing this package registers mobiledistill's shipped architectures (`md-teacher-s`, `md-teacher-m`,
-`md-coca-tiny`, `md-student-tiny`, ...) with open_clip. The other public names load on first use, so that
-importing the package stays cheap and free of import cycles with `reinforced_data` and `distill`.
+`md-coca-tiny`, `md-student-tiny`, ...) with open_clip, and teaches open_clip's tower builders the per-layer
+head counts and MLP widths of automatically inherited models (`teachers.pruned`). The other public names load on
+first use, so that importing the package stays cheap and free of import cycles with `reinforced_data` and
+`distill`.
 """
 
 import importlib
 
+from teachers.pruned import register_variable_width_towers
 from teachers.registry import SHIPPED_ARCHITECTURES, list_architectures, register_model_configs
 
 register_model_configs()
+register_variable_width_towers()  # towers with per-layer head counts and MLP widths (automatic inheritance)
 
 _LAZY = {
     "Captioner": "teachers.captioner",
@@ -30,7 +34,8 @@ _LAZY = {
     "train_teacher": "teachers.train",
 }
 
-__all__ = ["SHIPPED_ARCHITECTURES", "list_architectures", "register_model_configs", *_LAZY]
+__all__ = ["SHIPPED_ARCHITECTURES", "list_architectures", "register_model_configs", "register_variable_width_towers",
+           *_LAZY]
 
 
 def __getattr__(name: str):

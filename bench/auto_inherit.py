@@ -1,0 +1,145 @@
+"""Automatic against manual weight inheritance on the embedded default, at the same parameter count and steps.
+
+    python bench/auto_inherit.py --teachers runs/bench-teachers --dr runs/bench-distill/dr --out runs/bench-auto \
+        [--manual runs/bench-distill/kd+inherit] [--steps 300] [--stages 0.25]
+
+  manual  md-student-tiny inherited from md-teacher-s (TinyCLIP's manual rule: evenly spaced layers, first channels
+          and heads), KD from the reinforced dataset for --steps steps (reused from --manual when that run has the
+          same steps and batch size)
+  auto    a copy of md-teacher-s pruned by learned masks to md-student-tiny's tower parameter count (the target
+          sparsity is computed, not chosen), through the intermediate targets given by --stages, the same KD and
+          the same total steps (recipes/emoji-auto-inherit.yaml with the stages rewritten)
+
+Both are evaluated (test zero-shot top-1), exported to ONNX and benchmarked (batch-1 latency, onnxruntime, one
+thread), beside md-teacher-s itself. Prints a markdown table.
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def cli(*args: str) -> float:
+    start = time.time()
+    subprocess.run([sys.executable, "-m", "distill", *args], check=True, cwd=REPO)
+    return time.time() - start
+
+
+def tower_params(model_dir_or_arch: str) -> int:
+    import open_clip
+
+    import teachers  # noqa: F401  (shipped architectures, variable-width towers)
+    from distill.prune import tower_parameter_count
+
+    if Path(model_dir_or_arch).is_dir():
+        return tower_parameter_count(open_clip.create_model_and_transforms(f"local-dir:{model_dir_or_arch}")[0])
+    return tower_parameter_count(open_clip.create_model(model_dir_or_arch))
+
+
+def latency(model_dir: Path, out: Path, runs: int) -> dict[str, float]:
+    export_dir = out / f"{model_dir.name}-export"
+    if not (export_dir / "export_report.json").is_file():
+        cli("export", "--model", str(model_dir), "--out", str(export_dir), "--format", "onnx", "--overwrite")
+    result_path = out / f"{model_dir.name}-bench.json"
+    cli("bench", str(export_dir), "--threads", "1", "--runs", str(runs), "--json", str(result_path))
+    rows = json.loads(result_path.read_text())["results"]
+    return {r["file"]: r["median_ms"] for r in rows if r["runtime"] == "onnxruntime"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--teachers", default="runs/bench-teachers")
+    parser.add_argument("--dr", default="runs/bench-distill/dr")
+    parser.add_argument("--manual", default=None, help="an existing kd+inherit run to reuse (same steps and batch)")
+    parser.add_argument("--out", default="runs/bench-auto")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--stages", default="0.25", help="comma-separated intermediate targets before the final one")
+    parser.add_argument("--prune-at", type=float, default=0.67, help="fraction of each stage's steps masked")
+    parser.add_argument("--lambda-lr", type=float, default=None, help="override prune.lambda_lr of the recipe")
+    parser.add_argument("--eval-every", type=int, default=50)
+    parser.add_argument("--latency-runs", type=int, default=100)
+    args = parser.parse_args()
+    teachers, out = Path(args.teachers), Path(args.out)
+    data, teacher = teachers / "emoji", teachers / "md-teacher-s"
+    out.mkdir(parents=True, exist_ok=True)
+
+    student_params, teacher_params = tower_params("md-student-tiny"), tower_params(str(teacher))
+    target = round(1 - student_params / teacher_params, 4)
+    walls = {}
+
+    manual = Path(args.manual) if args.manual else out / "manual"
+    recorded = json.loads((manual / "mobiledistill.json").read_text())["recipe"] if manual.is_dir() else {}
+    if recorded and (recorded["steps"], recorded["batch_size"]) != (args.steps, args.batch_size):
+        manual = out / "manual"
+    if not (manual / "open_clip_config.json").is_file():
+        walls["manual"] = cli("distill", "--data", args.dr, "--student", "md-student-tiny", "--out", str(manual),
+                              "--config", "recipes/emoji-kd.yaml", "--inherit-from", str(teacher), "--steps",
+                              str(args.steps), "--batch-size", str(args.batch_size), f"eval_every={args.eval_every}",
+                              f"eval_data={data}")
+
+    intermediate = [float(x) for x in args.stages.split(",") if x.strip()]
+    targets = intermediate + [target]
+    per_stage = [args.steps // len(targets)] * len(targets)
+    per_stage[-1] += args.steps - sum(per_stage)
+    recipe = yaml.safe_load((REPO / "recipes" / "emoji-auto-inherit.yaml").read_text())
+    recipe["batch_size"] = args.batch_size
+    recipe["prune"]["prune_at"] = args.prune_at
+    if args.lambda_lr is not None:
+        recipe["prune"]["lambda_lr"] = args.lambda_lr
+    recipe["stages"] = [{"steps": n, "prune": {"target_sparsity": q}} for n, q in zip(per_stage, targets)]
+    recipe_path = out / "auto-recipe.yaml"
+    recipe_path.write_text("# written by bench/auto_inherit.py\n" + yaml.safe_dump(recipe, sort_keys=False))
+    auto = out / "auto"
+    if not (auto / "open_clip_config.json").is_file():
+        walls["auto"] = cli("distill", "--data", args.dr, "--student-from", str(teacher), "--recipe",
+                            str(recipe_path), "--out", str(auto), *(["--resume"] if auto.exists() else []),
+                            f"eval_every={args.eval_every}", f"eval_data={data}")
+
+    rows = []
+    for name, model_dir in (("md-teacher-s (the source)", teacher), ("manual inheritance (md-student-tiny)", manual),
+                            ("automatic inheritance", auto)):
+        provenance = json.loads((model_dir / "mobiledistill.json").read_text())
+        evaluation = provenance.get("evaluation") or {}
+        prune = provenance.get("prune") or {}
+        ms = latency(model_dir, out, args.latency_runs)
+        rows.append((name, tower_params(str(model_dir)), prune, evaluation, ms, provenance))
+
+    print(f"\nmd-teacher-s towers: {teacher_params} parameters; md-student-tiny towers: {student_params}; "
+          f"target sparsity 1 - {student_params}/{teacher_params} = {target:.4f}; stage targets {targets}, "
+          f"{per_stage} steps, {args.prune_at:.2f} of each stage masked; batch {args.batch_size}\n")
+    print("| model | tower params | sparsity (target / achieved) | test top-1 | R@1 i->t | image ONNX ms | "
+          "text ONNX ms | train wall (s) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, params, prune, evaluation, ms, provenance in rows:
+        zeroshot = evaluation.get("zeroshot") or {}
+        retrieval = (evaluation.get("retrieval") or {}).get("image_to_text") or {}
+        sparsity = (f"{prune['target_sparsity']:.3f} / {prune['achieved_sparsity']:.3f}" if prune
+                    else f"- / {1 - params / teacher_params:.3f}")
+        wall = sum(s.get("wall_s") or 0 for s in provenance.get("stages", [])) or \
+            (provenance.get("train") or {}).get("wall_s", float("nan"))
+        print(f"| {name} | {params} | {sparsity} | {100 * zeroshot.get('top1', float('nan')):.1f}% | "
+              f"{100 * retrieval.get('R@1', float('nan')):.1f}% | {ms.get('image_encoder.onnx', float('nan')):.2f} | "
+              f"{ms.get('text_encoder.onnx', float('nan')):.2f} | {wall:.0f} |")
+    for name, _, prune, _, _, provenance in rows:
+        for stage in provenance.get("stages", []):
+            print(f"  {name} stage {stage['stage']}: target {stage['target_sparsity']:.3f}, achieved "
+                  f"{stage['achieved_sparsity']:.3f}, {stage['params']} params, "
+                  f"top-1 {100 * (stage['top1'] or 0):.1f}%")
+        if prune.get("layout"):
+            for tower, layout in prune["layout"].items():
+                print(f"  {name} {tower}: width {layout['width']}/{layout['from_width']}, heads "
+                      f"{layout['layer_heads']}, MLP {layout['layer_mlp_widths']}")
+    print(f"\nwall: {walls}")
+
+
+if __name__ == "__main__":
+    main()
