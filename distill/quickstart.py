@@ -36,15 +36,15 @@ class QuickstartConfig:
 
     limit: int | None = None  # emoji subset (None: all 3944)
     batch_size: int = 128
-    teacher_m_steps: int = 100
-    teacher_s_steps: int = 30
+    teacher_m_steps: int = 90
+    teacher_s_steps: int = 45
     captioner_steps: int = 30
     captioner_batch_size: int = 64  # its loss over a 49408-word vocabulary makes a captioner step the costliest
     num_augs: int = 2
     num_captions: int = 1
-    caption_max_len: int = 16
+    caption_max_len: int = 12
     student: str = "md-student-tiny"
-    distill_steps: int = 200
+    distill_steps: int = 150
     lr: float = 1e-3
     w_feature: float = 0.0  # CLIP-KD feature distillation towards teacher-m (projected when dimensions differ)
     eval_every: int = 0
