@@ -35,7 +35,7 @@ def test_every_shipped_student_runs_forward_and_backward(arch):
     size = size if isinstance(size, int) else size[0]
     tokens = open_clip.get_tokenizer(arch)(["an emoji of a cat.", "a red circle."])
     image_features, text_features, logit_scale = model(torch.randn(2, 3, size, size), tokens)[:3]
-    assert image_features.shape == text_features.shape == (2, model.text_projection.shape[1])
+    assert image_features.shape == text_features.shape == (2, open_clip.get_model_config(arch)["embed_dim"])
     loss = open_clip.ClipLoss()(image_features, text_features, logit_scale)
     loss.backward()
     assert all(p.grad is not None for p in model.visual.parameters() if p.requires_grad)
