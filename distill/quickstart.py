@@ -16,7 +16,6 @@ directory to redo it; an interrupted distillation resumes from its last checkpoi
 """
 
 import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -307,6 +306,6 @@ def _write_outputs(out: Path, summary: dict[str, Any]) -> None:
 
 
 def _write_json(path: Path, value: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(value, indent=2))
-    os.replace(tmp, path)
+    from export.report import _write_atomic
+
+    _write_atomic(path, json.dumps(value, indent=2))
