@@ -1,13 +1,14 @@
 """Automatic against manual weight inheritance on the embedded default, at the same parameter count and steps.
 
     python bench/auto_inherit.py --teachers runs/bench-teachers --dr runs/bench-distill/dr --out runs/bench-auto \
-        [--manual runs/bench-distill/kd+inherit] [--steps 300] [--stages 0.25]
+        [--manual runs/bench-distill/kd+inherit] [--steps 300] [--stages 0.25] [--count layers]
 
   manual  md-student-tiny inherited from md-teacher-s (TinyCLIP's manual rule: evenly spaced layers, first channels
           and heads), KD from the reinforced dataset for --steps steps (reused from --manual when that run has the
           same steps and batch size)
-  auto    a copy of md-teacher-s pruned by learned masks to md-student-tiny's tower parameter count (the target
-          sparsity is computed, not chosen), through the intermediate targets given by --stages, the same KD and
+  auto    a copy of md-teacher-s pruned by learned masks to md-student-tiny's parameter count (counted on the
+          --count basis: "layers", the transformer layers' attention and MLP matrices, or "all" tower parameters;
+          the target sparsity is computed, not chosen), through the intermediate targets given by --stages, the same KD and
           the same total steps (recipes/emoji-auto-inherit.yaml with the stages rewritten)
 
 Both are evaluated (test zero-shot top-1), exported to ONNX and benchmarked (batch-1 latency, onnxruntime, one
@@ -33,15 +34,18 @@ def cli(*args: str) -> float:
     return time.time() - start
 
 
-def tower_params(model_dir_or_arch: str) -> int:
+def param_counts(model_dir_or_arch: str) -> dict[str, int]:
+    """Parameters on both bases of `distill.prune.counted_parameters`: {"all": ..., "layers": ...}."""
     import open_clip
 
     import teachers  # noqa: F401  (shipped architectures, variable-width towers)
-    from distill.prune import tower_parameter_count
+    from distill.prune import COUNT_BASES, counted_parameters
 
     if Path(model_dir_or_arch).is_dir():
-        return tower_parameter_count(open_clip.create_model_and_transforms(f"local-dir:{model_dir_or_arch}")[0])
-    return tower_parameter_count(open_clip.create_model(model_dir_or_arch))
+        model = open_clip.create_model_and_transforms(f"local-dir:{model_dir_or_arch}")[0]
+    else:
+        model = open_clip.create_model(model_dir_or_arch)
+    return {basis: counted_parameters(model, basis) for basis in COUNT_BASES}
 
 
 def latency(model_dir: Path, out: Path, runs: int) -> dict[str, float]:
@@ -65,6 +69,8 @@ def main() -> None:
     parser.add_argument("--stages", default="0.25", help="comma-separated intermediate targets before the final one")
     parser.add_argument("--prune-at", type=float, default=0.67, help="fraction of each stage's steps masked")
     parser.add_argument("--lambda-lr", type=float, default=None, help="override prune.lambda_lr of the recipe")
+    parser.add_argument("--count", default="layers", choices=["layers", "all"],
+                        help="which parameters the sparsity counts (recipe key prune.count)")
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--latency-runs", type=int, default=100)
     args = parser.parse_args()
@@ -72,7 +78,8 @@ def main() -> None:
     data, teacher = teachers / "emoji", teachers / "md-teacher-s"
     out.mkdir(parents=True, exist_ok=True)
 
-    student_params, teacher_params = tower_params("md-student-tiny"), tower_params(str(teacher))
+    student_counts, teacher_counts = param_counts("md-student-tiny"), param_counts(str(teacher))
+    student_params, teacher_params = student_counts[args.count], teacher_counts[args.count]
     target = round(1 - student_params / teacher_params, 4)
     walls = {}
 
@@ -93,6 +100,7 @@ def main() -> None:
     recipe = yaml.safe_load((REPO / "recipes" / "emoji-auto-inherit.yaml").read_text())
     recipe["batch_size"] = args.batch_size
     recipe["prune"]["prune_at"] = args.prune_at
+    recipe["prune"]["count"] = args.count
     if args.lambda_lr is not None:
         recipe["prune"]["lambda_lr"] = args.lambda_lr
     recipe["stages"] = [{"steps": n, "prune": {"target_sparsity": q}} for n, q in zip(per_stage, targets)]
@@ -111,22 +119,23 @@ def main() -> None:
         evaluation = provenance.get("evaluation") or {}
         prune = provenance.get("prune") or {}
         ms = latency(model_dir, out, args.latency_runs)
-        rows.append((name, tower_params(str(model_dir)), prune, evaluation, ms, provenance))
+        rows.append((name, param_counts(str(model_dir)), prune, evaluation, ms, provenance))
 
-    print(f"\nmd-teacher-s towers: {teacher_params} parameters; md-student-tiny towers: {student_params}; "
+    print(f"\ncounting {args.count!r} parameters: md-teacher-s {teacher_params}, md-student-tiny {student_params}; "
           f"target sparsity 1 - {student_params}/{teacher_params} = {target:.4f}; stage targets {targets}, "
           f"{per_stage} steps, {args.prune_at:.2f} of each stage masked; batch {args.batch_size}\n")
-    print("| model | tower params | sparsity (target / achieved) | test top-1 | R@1 i->t | image ONNX ms | "
-          "text ONNX ms | train wall (s) |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name, params, prune, evaluation, ms, provenance in rows:
+    print("| model | layer params | tower params | sparsity (target / achieved) | test top-1 | R@1 i->t | "
+          "image ONNX ms | text ONNX ms | train wall (s) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, counts, prune, evaluation, ms, provenance in rows:
+        params = counts[args.count]
         zeroshot = evaluation.get("zeroshot") or {}
         retrieval = (evaluation.get("retrieval") or {}).get("image_to_text") or {}
         sparsity = (f"{prune['target_sparsity']:.3f} / {prune['achieved_sparsity']:.3f}" if prune
                     else f"- / {1 - params / teacher_params:.3f}")
         wall = sum(s.get("wall_s") or 0 for s in provenance.get("stages", [])) or \
             (provenance.get("train") or {}).get("wall_s", float("nan"))
-        print(f"| {name} | {params} | {sparsity} | {100 * zeroshot.get('top1', float('nan')):.1f}% | "
+        print(f"| {name} | {counts['layers']} | {counts['all']} | {sparsity} | {100 * zeroshot.get('top1', float('nan')):.1f}% | "
               f"{100 * retrieval.get('R@1', float('nan')):.1f}% | {ms.get('image_encoder.onnx', float('nan')):.2f} | "
               f"{ms.get('text_encoder.onnx', float('nan')):.2f} | {wall:.0f} |")
     for name, _, prune, _, _, provenance in rows:

@@ -326,7 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="start the student as a copy of this model (teacher or earlier stage); with "
                          "--target-sparsity, learned masks prune it (automatic inheritance)")
     ds.add_argument("--target-sparsity", type=float, default=None,
-                    help="fraction of the source's tower parameters to remove (recipe key prune.target_sparsity)")
+                    help="fraction of the source's counted parameters (prune.count) to remove (recipe key "
+                         "prune.target_sparsity)")
     ds.add_argument("--config", "--recipe", dest="config", default=None,
                     help="recipe YAML (recipes/*.yaml); a recipe with stages runs them in order")
     ds.add_argument("--steps", type=int, default=None)

@@ -34,7 +34,8 @@ class LossWeights:
 class PruneConfig:
     """Automatic inheritance (`distill.prune`): learned masks on a copy of `student_from`, then slicing."""
 
-    target_sparsity: float = 0.0  # fraction of the original model's tower parameters removed (0: no masks)
+    target_sparsity: float = 0.0  # fraction of the original model's counted parameters removed (0: no masks)
+    count: str = "layers"  # what counts: "layers" (attention + MLP matrices, what compute follows) or "all"
     start_sparsity: float | None = None  # q at the stage's first step (default: the source's own sparsity)
     warmup: float = 0.5  # fraction of the masked steps over which q rises linearly to the target
     prune_at: float = 0.67  # fraction of the stage's steps after which the model is sliced (the rest fine-tunes)

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from distill.errors import UserInputError
 from distill.inherit import inherit_weights
 from distill.losses import affinity_mimicking_loss, clip_loss, ensemble_kd_loss, feature_distillation_loss
-from distill.prune import attach_masks, prune_model, source_pruning, tower_parameter_count
+from distill.prune import attach_masks, counted_parameters, prune_model, source_pruning, tower_parameter_count
 from distill.recipe import DistillConfig
 from reinforced_data.augment import (
     AugmentationConfig,
@@ -328,9 +328,12 @@ def distill(data: str, run_dir: str | Path, config: DistillConfig, images: str |
             locked_cache = LockedTextCache(model.text, loaded.tokenizer, accelerator.device)
     masks, pruning = None, source_pruning(config.student_from)
     if config.prune.target_sparsity > 0:  # automatic inheritance: learned masks, sliced at the end (distill.prune)
+        if pruning and pruning.get("count", "all") != config.prune.count:
+            raise UserInputError(f"{config.student_from} was pruned counting {pruning.get('count', 'all')!r} "
+                                 f"parameters; this stage has prune.count={config.prune.count!r}")
         masks = attach_masks(model, pruning.get("reference_params"), config.prune.start_sparsity,
                              config.prune.target_sparsity, round(config.prune.warmup * config.steps),
-                             config.prune.init_log_alpha).to(accelerator.device)
+                             config.prune.init_log_alpha, config.prune.count).to(accelerator.device)
         mask_optimizer = masks.optimizer(config.prune.mask_lr, config.prune.lambda_lr)
         accelerator.register_for_checkpointing(masks, mask_optimizer)
     student_dim, ref_dim = loaded.embed_dim, dims[config.loss.reference_teacher]
@@ -430,8 +433,9 @@ def distill(data: str, run_dir: str | Path, config: DistillConfig, images: str |
         unwrapped, loaded.model_cfg, pruning = prune_model(unwrapped, loaded.model_cfg, masks)
         loaded.model = unwrapped
     elif pruning:  # a continuation of a pruned model keeps its record
-        pruning = {**pruning, "params": tower_parameter_count(unwrapped),
-                   "achieved_sparsity": 1 - tower_parameter_count(unwrapped) / pruning["reference_params"]}
+        counted = counted_parameters(unwrapped, pruning.get("count", "all"))
+        pruning = {**pruning, "params": counted, "tower_params": tower_parameter_count(unwrapped),
+                   "achieved_sparsity": 1 - counted / pruning["reference_params"]}
     summary["prune"] = pruning or None
     if accelerator.is_main_process:
         log_path.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -10,6 +10,7 @@ import teachers  # noqa: F401  (registers the shipped architectures and the vari
 from distill.errors import UserInputError
 from distill.prune import (
     attach_masks,
+    counted_parameters,
     keep_probability,
     prune_model,
     sample_hard_concrete,
@@ -18,6 +19,7 @@ from distill.prune import (
 )
 from distill.recipe import load_recipe
 from distill.stages import run_stages
+from distill.train import distill
 from reinforced_data.augment import AugmentationConfig
 from reinforced_data.writer import ReinforceConfig, reinforce
 from teachers.model_dir import save_model_dir
@@ -51,16 +53,26 @@ def test_parameter_formula_counts_every_tower_parameter():
         assert {s.name for s in shapes} == {"vision", "text"}
         counted = sum(s.count(s.width, s.heads, s.mlp) for s in shapes)
         assert counted == tower_parameter_count(model) == sum(p.numel() for p in model.parameters()) - 1
+        # the "layers" basis: the attention and MLP matrices (with their inner biases), counted independently here
+        inner = ("attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight", "mlp.c_fc.weight",
+                 "mlp.c_fc.bias", "mlp.c_proj.weight")
+        layers = sum(p.numel() for n, p in model.named_parameters() if ".resblocks." in n and n.endswith(inner))
+        assert counted_parameters(model, "layers") == layers < counted_parameters(model, "all") / 2
+        assert attach_masks(model, None, None, 0.3, 10).reference_params == layers
     hf = open_clip.create_model("md-teacher-m", pretrained_text=False)  # BERT text tower: not maskable, counted fixed
-    masks = attach_masks(hf, None, None, 0.3, 10)
+    masks = attach_masks(hf, None, None, 0.3, 10, basis="all")
     assert [s.name for s in masks.shapes] == ["vision"]
     assert masks.fixed_params == sum(p.numel() for n, p in hf.named_parameters() if n.startswith("text."))
+    assert attach_masks(hf, None, None, 0.3, 10).fixed_params == 0  # "layers": only the maskable towers count
+    with pytest.raises(UserInputError, match="prune.count"):
+        attach_masks(hf, None, None, 0.3, 10, basis="flops")
 
 
-def test_expected_sparsity_matches_sampled_masks():
+@pytest.mark.parametrize("basis", ["layers", "all"])
+def test_expected_sparsity_matches_sampled_masks(basis):
     torch.manual_seed(0)
     model = open_clip.create_model("md-student-tiny")
-    masks = attach_masks(model, None, None, 0.5, 10)
+    masks = attach_masks(model, None, None, 0.5, 10, basis=basis)
     assert masks.expected_sparsity().item() == pytest.approx(0.0, abs=0.02)  # open gates: about the whole model
     _randomize_gates(masks)
     with torch.no_grad():
@@ -124,7 +136,8 @@ def test_sliced_model_equals_masked_model_and_loads_with_open_clip(arch, tmp_pat
     with torch.no_grad():
         assert torch.allclose(pruned.encode_image(images), masked[0], atol=1e-5)
         assert torch.allclose(pruned.encode_text(texts), masked[1], atol=1e-5)
-    assert report["params"] == tower_parameter_count(pruned) < tower_parameter_count(model)
+    assert report["params"] == counted_parameters(pruned, "layers") < counted_parameters(model, "layers")
+    assert report["tower_params"] == tower_parameter_count(pruned) < tower_parameter_count(model)
     assert report["achieved_sparsity"] == pytest.approx(1 - report["params"] / report["reference_params"])
     vision = cfg["vision_cfg"]
     assert vision["width"] < 192 if arch == "md-teacher-s" else vision["width"] <= 128
@@ -152,7 +165,7 @@ def test_masks_refuse_what_they_cannot_prune():
         attach_masks(model, None, None, 1.5, 10)
     with pytest.raises(UserInputError, match="no open_clip transformer"):
         attach_masks(torch.nn.Linear(2, 2), None, None, 0.5, 10)
-    masks = attach_masks(open_clip.create_model("RN50"), None, None, 0.5, 10)  # a ResNet image tower stays whole
+    masks = attach_masks(open_clip.create_model("RN50"), None, None, 0.5, 10, basis="all")  # a ResNet stays whole
     assert [s.name for s in masks.shapes] == ["text"] and masks.fixed_params > 0
 
 
@@ -180,13 +193,13 @@ def test_two_stage_run_prunes_progressively_and_resumes(reinforced, tiny_model_d
         rows = [json.loads(x) for x in (run / stage / "masked" / "log.jsonl").read_text().splitlines()]
         assert {"sparsity_loss", "expected_sparsity", "target_sparsity", "lambda_1"} <= set(rows[0])
     records = summary["stages"]
-    reference = tower_parameter_count(open_clip.create_model_and_transforms(f"local-dir:{source}")[0])
+    reference = counted_parameters(open_clip.create_model_and_transforms(f"local-dir:{source}")[0], "layers")
     assert [r["target_sparsity"] for r in records] == [0.2, 0.4]
     assert all(r["reference_params"] == reference for r in records)  # stage 1 counts against the first source
     assert reference > records[0]["params"] > records[1]["params"]
     assert summary["steps"] == 8 and summary["evaluation"]["num_samples"] > 0
     model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{run}")  # the last stage, as open_clip loads it
-    assert tower_parameter_count(model) == records[1]["params"]
+    assert counted_parameters(model, "layers") == records[1]["params"]
     provenance = json.loads((run / "mobiledistill.json").read_text())
     assert len(provenance["stages"]) == 2 and provenance["prune"]["params"] == records[1]["params"]
 
@@ -205,3 +218,7 @@ def test_two_stage_run_prunes_progressively_and_resumes(reinforced, tiny_model_d
     (run / "open_clip_config.json").unlink()
     with pytest.raises(UserInputError, match="another recipe"):
         run_stages(str(reinforced), run, other, resume=True, progress=False)
+    mixed = load_recipe(None, ["steps=2", f"student_from={run / 'stage-0'}", "prune.target_sparsity=0.5",
+                               "prune.count=all"])  # stage-0 counted "layers": one basis per chain of stages
+    with pytest.raises(UserInputError, match="prune.count"):
+        distill(str(reinforced), tmp_path / "mixed", mixed, progress=False)
