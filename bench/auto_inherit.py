@@ -8,8 +8,8 @@
           same steps and batch size)
   auto    a copy of md-teacher-s pruned by learned masks to md-student-tiny's parameter count (counted on the
           --count basis: "layers", the transformer layers' attention and MLP matrices, or "all" tower parameters;
-          the target sparsity is computed, not chosen), through the intermediate targets given by --stages, the same KD and
-          the same total steps (recipes/emoji-auto-inherit.yaml with the stages rewritten)
+          the target sparsity is computed, not chosen), through the intermediate targets given by --stages, the
+          same KD and the same total steps (recipes/emoji-auto-inherit.yaml with the stages rewritten)
 
 Both are evaluated (test zero-shot top-1), exported to ONNX and benchmarked (batch-1 latency, onnxruntime, one
 thread), beside md-teacher-s itself. Prints a markdown table.
@@ -135,7 +135,8 @@ def main() -> None:
                     else f"- / {1 - params / teacher_params:.3f}")
         wall = sum(s.get("wall_s") or 0 for s in provenance.get("stages", [])) or \
             (provenance.get("train") or {}).get("wall_s", float("nan"))
-        print(f"| {name} | {counts['layers']} | {counts['all']} | {sparsity} | {100 * zeroshot.get('top1', float('nan')):.1f}% | "
+        print(f"| {name} | {counts['layers']} | {counts['all']} | {sparsity} | "
+              f"{100 * zeroshot.get('top1', float('nan')):.1f}% | "
               f"{100 * retrieval.get('R@1', float('nan')):.1f}% | {ms.get('image_encoder.onnx', float('nan')):.2f} | "
               f"{ms.get('text_encoder.onnx', float('nan')):.2f} | {wall:.0f} |")
     for name, _, prune, _, _, provenance in rows:

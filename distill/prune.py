@@ -50,8 +50,8 @@ from distill.errors import UserInputError
 from teachers.pruned import VariableWidthBlock
 
 __all__ = ["BETA", "LIMIT_LEFT", "LIMIT_RIGHT", "sample_hard_concrete", "keep_probability", "MaskedLayerNorm",
-           "TowerShape", "tower_shapes", "tower_parameter_count", "counted_parameters", "COUNT_BASES", "L0Masks", "attach_masks", "prune_model",
-           "source_pruning"]
+           "TowerShape", "tower_shapes", "tower_parameter_count", "counted_parameters", "COUNT_BASES", "L0Masks",
+           "attach_masks", "prune_model", "source_pruning"]
 
 BETA, LIMIT_LEFT, LIMIT_RIGHT = 2 / 3, -0.1, 1.1
 _EPS = 1e-6
