@@ -192,11 +192,15 @@ def tower_parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for n, p in model.named_parameters() if not n.startswith("logit_"))
 
 
+def _check_basis(basis: str) -> None:
+    if basis not in COUNT_BASES:
+        raise UserInputError(f"prune.count={basis!r}: expected one of {', '.join(COUNT_BASES)}")
+
+
 def counted_parameters(model: nn.Module, basis: str) -> int:
     """The parameters sparsity is measured in (see the module docstring): "all" tower parameters, or the "layers"'
     attention and MLP matrices of every maskable tower."""
-    if basis not in COUNT_BASES:
-        raise UserInputError(f"prune.count={basis!r}: expected one of {', '.join(COUNT_BASES)}")
+    _check_basis(basis)
     if basis == "all":
         return tower_parameter_count(model)
     return int(sum(s.count(s.width, s.heads, s.mlp, layers_only=True) for s in tower_shapes(model)))
@@ -357,8 +361,7 @@ def attach_masks(model: nn.Module, reference_params: int | None, start_sparsity:
     `reference_params`: the original model's counted parameters (sparsity is measured against it; default: this
     model's). `start_sparsity`: q at step 0 (default: this model's sparsity against the reference). `basis`: which
     parameters count, "layers" or "all" (module docstring)."""
-    if basis not in COUNT_BASES:
-        raise UserInputError(f"prune.count={basis!r}: expected one of {', '.join(COUNT_BASES)}")
+    _check_basis(basis)  # before the model is changed
     if not 0 <= target_sparsity < 1:
         raise UserInputError(f"target sparsity {target_sparsity} must be in [0, 1)")
     towers = _tower_modules(model)
@@ -383,14 +386,16 @@ def attach_masks(model: nn.Module, reference_params: int | None, start_sparsity:
 
 
 def source_pruning(spec: str | None) -> dict[str, Any]:
-    """What an earlier stage recorded about its pruning (`prune` in its mobiledistill.json), else {}."""
+    """What an earlier stage recorded about its pruning (`prune` in its mobiledistill.json), else {}. Records
+    written before `count` existed counted every tower parameter: they read as count "all"."""
     from teachers.model_dir import read_provenance
     from teachers.specs import parse_model_spec
 
     if not spec:
         return {}
     parsed = parse_model_spec(spec)
-    return (read_provenance(parsed.name).get("prune") or {}) if parsed.kind == "local-dir" else {}
+    record = (read_provenance(parsed.name).get("prune") or {}) if parsed.kind == "local-dir" else {}
+    return {"count": "all", **record} if record else {}
 
 
 # ------------------------------------------------------------------------------------------------------ slicing

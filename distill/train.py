@@ -328,8 +328,8 @@ def distill(data: str, run_dir: str | Path, config: DistillConfig, images: str |
             locked_cache = LockedTextCache(model.text, loaded.tokenizer, accelerator.device)
     masks, pruning = None, source_pruning(config.student_from)
     if config.prune.target_sparsity > 0:  # automatic inheritance: learned masks, sliced at the end (distill.prune)
-        if pruning and pruning.get("count", "all") != config.prune.count:
-            raise UserInputError(f"{config.student_from} was pruned counting {pruning.get('count', 'all')!r} "
+        if pruning and pruning["count"] != config.prune.count:
+            raise UserInputError(f"{config.student_from} was pruned counting {pruning['count']!r} "
                                  f"parameters; this stage has prune.count={config.prune.count!r}")
         masks = attach_masks(model, pruning.get("reference_params"), config.prune.start_sparsity,
                              config.prune.target_sparsity, round(config.prune.warmup * config.steps),
@@ -433,7 +433,7 @@ def distill(data: str, run_dir: str | Path, config: DistillConfig, images: str |
         unwrapped, loaded.model_cfg, pruning = prune_model(unwrapped, loaded.model_cfg, masks)
         loaded.model = unwrapped
     elif pruning:  # a continuation of a pruned model keeps its record
-        counted = counted_parameters(unwrapped, pruning.get("count", "all"))
+        counted = counted_parameters(unwrapped, pruning["count"])
         pruning = {**pruning, "params": counted, "tower_params": tower_parameter_count(unwrapped),
                    "achieved_sparsity": 1 - counted / pruning["reference_params"]}
     summary["prune"] = pruning or None
