@@ -23,13 +23,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _write_json(result: dict, path: str | None) -> None:
-    text = json.dumps(result, indent=2)
     if path:
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-        tmp.write_text(text + "\n")
-        os.replace(tmp, target)
+        from teachers.model_dir import write_json_atomic
+
+        write_json_atomic(path, result)
 
 
 # ----------------------------------------------------------------------------------------------------- commands

@@ -92,6 +92,7 @@ def quickstart(out_dir: str | Path, config: QuickstartConfig | None = None, prog
     from distill.train import distill
     from reinforced_data import ReinforceConfig, reinforce
     from reinforced_data.emoji import build_emoji_dataset
+    from teachers.model_dir import write_json_atomic
     from teachers.specs import load_model
     from teachers.train import TeacherTrainConfig, train_teacher
 
@@ -150,8 +151,8 @@ def quickstart(out_dir: str | Path, config: QuickstartConfig | None = None, prog
             eval_data = load_eval_data(data, split) if todo else None
             for name in tqdm(todo, desc=f"eval {split}", disable=not progress, leave=False):
                 loaded = load_model(f"local-dir:{out / name}", warn_random=False)
-                _write_json(evals / f"{name}.{split}.json",
-                            evaluate_model(loaded, data, split, progress=False, data=eval_data))
+                write_json_atomic(evals / f"{name}.{split}.json",
+                                  evaluate_model(loaded, data, split, progress=False, data=eval_data))
 
     stages.run(f"evaluate on {', '.join(splits)}", all((evals / f"{n}.{s}.json").is_file() for n in ROLES
                                                         for s in splits), evaluate_all, evals)
@@ -174,7 +175,7 @@ def quickstart(out_dir: str | Path, config: QuickstartConfig | None = None, prog
                                                                                                // 5),
                                                               threads=(1,), torch_eager=False, coreml=False,
                                                               progress=progress))
-            _write_json(exports / name / "bench.json", result)
+            write_json_atomic(exports / name / "bench.json", result)
 
     stages.run("time every image tower (onnxruntime, 1 thread, batch 1)",
                all((exports / n / "bench.json").is_file() for n in ROLES), time_image_towers, exports)
@@ -217,12 +218,12 @@ def _image_latency(bench_path: Path) -> float | None:
 
 def _summary(out: Path, data: Path, splits: list[str], coreml_note: str | None, config: QuickstartConfig,
              wall_s: float, stage_times: dict[str, float]) -> dict[str, Any]:
-    from export.report import _count_parameters
+    from export.report import parameter_counts
 
     rows = []
     for name, role in ROLES.items():
         evaluation = json.loads((out / "eval" / f"{name}.test.json").read_text())
-        counts = _count_parameters(out / name)
+        counts = parameter_counts(out / name)
         row = {"name": name, "role": role, "model_dir": str(out / name), "params": counts["params"],
                "image_params": counts["image_params"], "text_params": counts["text_params"],
                "top1": evaluation["zeroshot"]["top1"],
@@ -295,17 +296,12 @@ def format_summary(summary: dict[str, Any]) -> str:
 def _write_outputs(out: Path, summary: dict[str, Any]) -> None:
     import html
 
-    from export.report import _write_atomic, render_report
+    from export.report import render_report
+    from teachers.model_dir import write_json_atomic, write_text_atomic
 
     rows = [{**r, "path": r["model_dir"], "text_latency_ms": None,
              "latency_source": "onnxruntime fp32, 1 thread (quickstart)"} for r in summary["rows"]]
     intro = (f"<p>The quickstart on <code>{html.escape(summary['data_dir'])}</code>, "
              f"{summary['wall_s'] / 60:.1f} minutes.</p><pre>{html.escape(format_summary(summary))}</pre>")
-    _write_atomic(out / "report.html", render_report(rows, "mobiledistill quickstart", intro))
-    _write_json(out / "summary.json", summary)
-
-
-def _write_json(path: Path, value: Any) -> None:
-    from export.report import _write_atomic
-
-    _write_atomic(path, json.dumps(value, indent=2))
+    write_text_atomic(out / "report.html", render_report(rows, "mobiledistill quickstart", intro))
+    write_json_atomic(out / "summary.json", summary)

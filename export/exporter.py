@@ -33,7 +33,7 @@ from export.towers import (
     TextEncoder,
     prepare_for_export,
 )
-from teachers.model_dir import atomic_directory
+from teachers.model_dir import atomic_directory, write_json_atomic
 from teachers.specs import LoadedModel
 
 __all__ = ["ExportConfig", "export_model", "export_loaded_model", "FORMATS", "REPORT_NAME"]
@@ -172,8 +172,8 @@ def _export_into(loaded: LoadedModel, directory: Path, config: ExportConfig) -> 
 
     bar.set_postfix_str("files")
     tokenizer = tokenizer_json(loaded)
-    _write_json(directory / "preprocess.json", preprocess)
-    _write_json(directory / "tokenizer.json", tokenizer)
+    write_json_atomic(directory / "preprocess.json", preprocess)
+    write_json_atomic(directory / "tokenizer.json", tokenizer)
     report = {
         "model": str(loaded.spec),
         "embed_dim": int(next(iter(towers.values())).eager.shape[1]),
@@ -196,7 +196,7 @@ def _export_into(loaded: LoadedModel, directory: Path, config: ExportConfig) -> 
         **config.extra,
     }
     (directory / "README.md").write_text(export_readme(report, preprocess, tokenizer))
-    _write_json(directory / REPORT_NAME, report)  # last: its presence marks a finished export
+    write_json_atomic(directory / REPORT_NAME, report)  # last: its presence marks a finished export
     bar.update()
     bar.close()
     return json.loads((directory / REPORT_NAME).read_text())  # what readers of the file see (lists, not tuples)
@@ -397,5 +397,4 @@ def _to_unit_tensor(image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, H, W)
 
 
-def _write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n")
+

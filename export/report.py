@@ -23,8 +23,9 @@ import torch
 from tqdm import tqdm
 
 from distill.errors import UserInputError
+from teachers.model_dir import write_text_atomic
 
-__all__ = ["summarize_run", "write_report", "render_report", "pareto_front", "BENCH_LOCATIONS"]
+__all__ = ["summarize_run", "write_report", "render_report", "pareto_front", "parameter_counts", "BENCH_LOCATIONS"]
 
 BENCH_LOCATIONS = ("export/bench.json", "bench.json")
 
@@ -40,7 +41,7 @@ def summarize_run(run_dir: str | Path, latency_runs: int = 20) -> dict[str, Any]
         raise UserInputError(f"{run_dir} is not a model directory: open_clip_config.json is missing")
     provenance = read_provenance(run_dir)
     evaluation = provenance.get("evaluation") or {}
-    row: dict[str, Any] = {"name": run_dir.name, "path": str(run_dir), **_count_parameters(run_dir),
+    row: dict[str, Any] = {"name": run_dir.name, "path": str(run_dir), **parameter_counts(run_dir),
                            "top1": evaluation.get("zeroshot", {}).get("top1"),
                            "retrieval_R@1": evaluation.get("retrieval", {}).get("image_to_text", {}).get("R@1"),
                            "text_to_image_R@1": evaluation.get("retrieval", {}).get("text_to_image", {}).get("R@1"),
@@ -51,7 +52,8 @@ def summarize_run(run_dir: str | Path, latency_runs: int = 20) -> dict[str, Any]
     return row
 
 
-def _count_parameters(run_dir: Path) -> dict[str, int]:
+def parameter_counts(run_dir: Path) -> dict[str, int]:
+    """Parameters of a model directory, all, image tower and the rest, read from its safetensors header."""
     from safetensors import safe_open
 
     weights = sorted(run_dir.glob("*.safetensors"))
@@ -207,15 +209,8 @@ def write_report(run_dirs: list[str | Path], out: str | Path, latency_runs: int 
     for r in rows:  # two runs named alike (a/kd, b/kd) are told apart by their parent
         if names.count(r["name"]) > 1:
             r["name"] = f"{Path(r['path']).parent.name}/{r['name']}"
-    _write_atomic(out, render_report(rows))
+    write_text_atomic(out, render_report(rows))
     return {"rows": rows, "pareto": [r["name"] for r in pareto_front(rows)]}
-
-
-def _write_atomic(out: Path, text: str) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, out)
 
 
 def render_report(rows: list[dict[str, Any]], title: str = "mobiledistill report", intro_html: str = "") -> str:

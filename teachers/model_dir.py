@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 __all__ = ["save_model_dir", "write_model_files", "atomic_directory", "read_provenance", "update_provenance",
-           "PROVENANCE_NAME", "WEIGHTS_NAME"]
+           "write_text_atomic", "write_json_atomic", "PROVENANCE_NAME", "WEIGHTS_NAME"]
 
 CONFIG_NAME = "open_clip_config.json"
 WEIGHTS_NAME = "open_clip_model.safetensors"
@@ -81,15 +81,24 @@ def write_model_files(model: torch.nn.Module, model_cfg: dict[str, Any], directo
     os.replace(tmp_weights, directory / WEIGHTS_NAME)
     if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
         tokenizer.save_pretrained(str(directory))
-    _write_json_atomic(directory / PROVENANCE_NAME, provenance or {})
+    write_json_atomic(directory / PROVENANCE_NAME, provenance or {})
     preprocess_cfg = dict(open_clip.get_model_preprocess_cfg(model))
-    _write_json_atomic(directory / CONFIG_NAME, {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg})
+    write_json_atomic(directory / CONFIG_NAME, {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg})
 
 
-def _write_json_atomic(path: Path, data: Any) -> None:
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write `text` to `path` through a hidden temporary file and a rename: readers see the old file or the whole
+    new one, never a half-written one (a crash leaves only the hidden temporary)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    """`data` as indented JSON, written with `write_text_atomic` (values JSON lacks are written as strings)."""
+    write_text_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def read_provenance(model_dir: str | Path) -> dict[str, Any]:
@@ -101,4 +110,4 @@ def update_provenance(model_dir: str | Path, **entries: Any) -> None:
     """Merge `entries` into `mobiledistill.json` (e.g. the last evaluation), replacing the file atomically."""
     data = read_provenance(model_dir)
     data.update(entries)
-    _write_json_atomic(Path(model_dir) / PROVENANCE_NAME, data)
+    write_json_atomic(Path(model_dir) / PROVENANCE_NAME, data)
