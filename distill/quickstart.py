@@ -48,7 +48,9 @@ class QuickstartConfig:
     student: str = "md-student-tiny"
     distill_steps: int = 150
     lr: float = 2e-3  # student top-1 here: 14.4% and 5.7% at 1e-3 (seeds 0, 1); 16.7, 21.5, 15.6% at 2e-3 (0-2)
-    w_feature: float = 0.0  # CLIP-KD feature distillation towards teacher-m (projected when dimensions differ)
+    # CLIP-KD feature distillation towards teacher-m (projected from 128 to 256 dimensions). Over seeds 0-2 the
+    # student's top-1 was 21.3/12.2/13.2% without it, 17.5/16.1/19.1% at 1000, 21.3/15.9/18.7% at 4000.
+    w_feature: float = 4000.0
     eval_every: int = 0
     bench_runs: int = 50
     coreml: bool = True

@@ -25,7 +25,9 @@ class LossWeights:
     w_kd: float = 1.0
     w_affinity: float = 0.0  # TinyCLIP affinity mimicking against the reference teacher
     affinity_logit_scale: float = 50.0
-    w_feature: float = 0.0  # CLIP-KD feature distillation against the reference teacher
+    # CLIP-KD feature distillation against the reference teacher. Its MSE is averaged over embedding dimensions, so
+    # it is ~1e-3 per unit weight: useful weights are in the thousands (CLIP-KD-style runs use 2000-4000).
+    w_feature: float = 0.0
     reference_teacher: int = 0  # which stored teacher (0-based) the affinity and feature terms follow
     use_synthetic: bool = True  # add the *_syn terms when the dataset has synthetic captions
 
