@@ -31,7 +31,7 @@ ROLES = {"teacher-m": "teacher", "teacher-s": "teacher", "student": "student", "
 
 @dataclass
 class QuickstartConfig:
-    """Sizes of every stage. The defaults are the full run (about 15 minutes on 2 cores); `fast()` is a smoke run."""
+    """Sizes of every stage. The defaults are the full run (14 minutes on 2 cores); `fast()` is a smoke run."""
 
     limit: int | None = None  # emoji subset (None: all 3944)
     batch_size: int = 128
