@@ -15,7 +15,6 @@ its last checkpoint, as `--resume` does for one run. A single `--target-sparsity
 """
 
 import dataclasses
-import json
 import os
 import shutil
 import time
@@ -27,7 +26,7 @@ import yaml
 from distill.errors import UserInputError
 from distill.recipe import DistillConfig, PruneConfig, stage_config
 from distill.train import distill
-from teachers.model_dir import CONFIG_NAME, PROVENANCE_NAME, read_provenance
+from teachers.model_dir import CONFIG_NAME, PROVENANCE_NAME, read_provenance, write_json_atomic
 
 __all__ = ["is_staged", "run_stages"]
 
@@ -78,7 +77,7 @@ def _publish(model_dir: Path, run_dir: Path, extra: dict[str, Any]) -> None:
             shutil.copyfile(path, tmp)
             os.replace(tmp, run_dir / path.name)
     provenance = {**read_provenance(model_dir), **extra}
-    (run_dir / PROVENANCE_NAME).write_text(json.dumps(provenance, indent=2, default=str))
+    write_json_atomic(run_dir / PROVENANCE_NAME, provenance)
     tmp = run_dir / f".{CONFIG_NAME}.tmp-{os.getpid()}"
     shutil.copyfile(model_dir / CONFIG_NAME, tmp)
     os.replace(tmp, run_dir / CONFIG_NAME)

@@ -41,7 +41,7 @@ from reinforced_data.augment import (
 )
 from reinforced_data.reader import index_images, open_reinforced, read_info
 from reinforced_data.shards import IMAGE_EXTENSIONS, decode_sample, iter_raw_samples, resolve_shards
-from teachers.model_dir import write_model_files
+from teachers.model_dir import write_json_atomic, write_model_files
 from teachers.specs import load_model
 from teachers.train import (
     LockedTextCache,
@@ -421,7 +421,7 @@ def distill(data: str, run_dir: str | Path, config: DistillConfig, images: str |
             path = run_dir / "checkpoints" / f"step_{done}"
             accelerator.save_state(str(path))
             if accelerator.is_main_process:
-                (path / "step.json").write_text(json.dumps({"step": done}))  # written last: marks it complete
+                write_json_atomic(path / "step.json", {"step": done})  # written last: marks it complete
                 log_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     accelerator.wait_for_everyone()
     accelerator.end_training()

@@ -395,6 +395,3 @@ def _center_crop(image, height: int, width: int):
 
 def _to_unit_tensor(image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, H, W)
-
-
-

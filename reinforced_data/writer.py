@@ -33,6 +33,7 @@ from reinforced_data.augment import (
 )
 from reinforced_data.shards import ImageTextSample, SkipLog, iter_image_text, open_tar_writer, resolve_shards
 from reinforced_data.storage import STORAGE_DTYPES, encode_embeddings
+from teachers.model_dir import write_json_atomic
 
 __all__ = ["ReinforceConfig", "reinforce", "caption_seed", "CONFIG_NAME"]
 
@@ -140,10 +141,7 @@ def _process_shard(url: str, out_path: Path, writer: _ShardWriter, bar: tqdm) ->
     nbytes = tmp.stat().st_size
     stats = {"shard": out_path.name, "source": url, "samples": written, "bytes": nbytes,
              "skipped": skips.samples, "unreadable": skips.shards}
-    stats_path = out_path.with_suffix(".stats.json")
-    stats_tmp = stats_path.with_name(f".{stats_path.name}.tmp-{os.getpid()}")
-    stats_tmp.write_text(json.dumps(stats))
-    os.replace(stats_tmp, stats_path)
+    write_json_atomic(out_path.with_suffix(".stats.json"), stats)
     os.replace(tmp, out_path)  # the tar appears last: a listed tar is always complete
     return stats
 
@@ -267,9 +265,7 @@ def reinforce(data: str, teachers: Sequence[str], out_dir: str | Path, config: R
         "skipped": skipped + [{"key": u["shard"], "reason": u["reason"]} for u in unreadable],
         "wall_s": round(time.time() - start, 2),
     }
-    tmp = out_dir / f".{CONFIG_NAME}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(cfg, indent=2))
-    os.replace(tmp, out_dir / CONFIG_NAME)
+    write_json_atomic(out_dir / CONFIG_NAME, cfg)
     run_file.unlink(missing_ok=True)
     return cfg
 
