@@ -112,7 +112,7 @@ def quickstart(out_dir: str | Path, config: QuickstartConfig | None = None, prog
     stages.run("emoji dataset", (data / "manifest.json").is_file(),
                lambda: build_emoji_dataset(data, limit=config.limit, seed=config.seed, progress=progress), data)
 
-    def teacher(arch: str, steps: int, name: str, batch_size: int, lr: float) -> None:
+    def teacher(arch: str, steps: int, name: str, batch_size: int, lr: float = 1e-3) -> None:
         warmup = max(1, min(100, steps // 4))
         train_teacher(arch, str(data), out / name,
                       TeacherTrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup,
