@@ -296,7 +296,7 @@ def _quantize_tower(tower: _Tower, directory: Path, calibration: torch.Tensor, b
     check_parity(tower.int8_name, metrics, bound)
     return _file_entry(int8_path, tower, "int8", metrics, session, method=method,
                        calibration_samples=len(calibration) if batches else 0, per_channel=outcome["per_channel"],
-                       float32_nodes=outcome["excluded_nodes"])
+                       float32_nodes=outcome["excluded_nodes"], fused_attention=outcome["fused_attention"])
 
 
 def _zero_shot_change(loaded: LoadedModel, directory: Path, towers: dict, config: ExportConfig) -> dict[str, Any]:

@@ -102,6 +102,11 @@ def export_readme(report: dict[str, Any], preprocess: dict[str, Any], tokenizer:
               f"tokenizer ({tokenizer['kind']}, context length {tokenizer['context_length']}, int32 ids) with worked "
               "examples to test a port against. `export_report.json`: the parity numbers above and how they were "
               "measured.", ""]
+    fused = [name for name, entry in files.items() if entry.get("fused_attention")]
+    if fused:
+        lines += [", ".join(f"`{name}`" for name in fused) + " fuse self-attention into onnxruntime's contrib "
+                  "`QAttention` op: they run in onnxruntime (desktop, and its full mobile package), not in other ONNX "
+                  "runtimes. The fp32 `.onnx` files use standard ONNX operators only.", ""]
     if report.get("coreml_note"):
         lines += [report["coreml_note"], ""]
     text_file = "text_encoder.onnx"

@@ -1,7 +1,8 @@
 """int8 ONNX towers with onnxruntime's quantization tools.
 
 Transformer towers (every text tower, ViT image towers) get dynamic quantization: int8 weights, activations
-quantized per batch at run time, which needs no calibration and suits MatMul-heavy graphs. Convolutional towers
+quantized per batch at run time, which needs no calibration and suits MatMul-heavy graphs; their self-attention is
+first fused into onnxruntime's `Attention` op, which quantizes to one `QAttention` kernel. Convolutional towers
 (MobileCLIP's MCi / FastViT) get static QDQ quantization: int8 weights per channel and activation ranges
 calibrated on real images, the format mobile runtimes (NNAPI, XNNPACK, CoreML's ONNX importers) accelerate.
 """
@@ -14,8 +15,9 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from export.fusion import fuse_attention_file
 from export.onnx_export import count_ops
-from export.parity import ExportError
+from export.parity import FP32_BOUND, ExportError
 
 __all__ = ["quantization_method", "quantize_onnx", "quantize_within_bound", "weight_nodes", "CONV_TOWER_MIN_CONVS"]
 
@@ -82,13 +84,13 @@ def quantize_onnx(fp32_path: str | Path, int8_path: str | Path, method: str,
 
 
 def weight_nodes(onnx_path: str | Path, method: str) -> list[str]:
-    """Names of the nodes quantization turns int8: matrix products (and convolutions for static QDQ) with a
-    constant weight."""
+    """Names of the nodes quantization turns int8: matrix products, fused attention (its QKV weight) and, for
+    static QDQ, convolutions with a constant weight."""
     import onnx
 
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
     constants = {t.name for t in graph.initializer}
-    op_types = {"MatMul", "Gemm"} | ({"Conv"} if method == "static_qdq" else set())
+    op_types = {"MatMul", "Gemm", "Attention"} | ({"Conv"} if method == "static_qdq" else set())
     return [n.name for n in graph.node if n.op_type in op_types and any(i in constants for i in n.input)]
 
 
@@ -98,34 +100,51 @@ def quantize_within_bound(fp32_path: str | Path, int8_path: str | Path, method: 
                           progress: bool = False) -> dict[str, Any]:
     """int8 with as many nodes quantized as the cosine bound allows.
 
-    First everything, per tensor (fastest kernels), then per channel. When both miss the bound (a pretrained
-    BERT-style text tower with outlier weights does), each weight node is quantized alone to measure its
-    sensitivity, and the most sensitive ones are kept in float32, 1, 2, 4, ... of them, until the bound holds:
-    mixed precision instead of no int8 at all. Returns how it ended: `per_channel`, `excluded_nodes`,
-    `min_cosine`; raises `ExportError` when even that cannot meet the bound.
+    Dynamic quantization starts from a copy whose self-attention layers are fused into onnxruntime's `Attention`
+    op (`export.fusion`; they become `QAttention`), kept only when that copy itself matches eager within the fp32
+    cosine bound. Then everything is quantized, per tensor (fastest kernels), then per channel. When both miss the
+    bound (a pretrained BERT-style text tower with outlier weights does), each weight node is quantized alone to
+    measure its sensitivity, and the most sensitive ones are kept in float32, 1, 2, 4, ... of them, until the bound
+    holds: mixed precision instead of no int8 at all. Returns how it ended: `per_channel`, `excluded_nodes`,
+    `min_cosine`, `fused_attention`; raises `ExportError` when even that cannot meet the bound.
     """
     fp32_path, int8_path = Path(fp32_path), Path(int8_path)
     calibration = list(calibration) if calibration is not None else None
     common = {"calibration": calibration, "input_name": input_name}
+    with tempfile.TemporaryDirectory(dir=int8_path.parent) as work:
+        source, fused = fp32_path, 0
+        if method == "dynamic":
+            candidate = Path(work) / "fused.onnx"
+            fused = fuse_attention_file(fp32_path, candidate)
+            if fused and min_cosine_of(candidate) >= FP32_BOUND.min_cosine:
+                source = candidate
+            else:
+                fused = 0
+        outcome = _quantize_to_bound(source, int8_path, method, min_cosine_of, min_cosine, common, Path(work),
+                                     progress)
+    return {**outcome, "fused_attention": fused}
+
+
+def _quantize_to_bound(source: Path, int8_path: Path, method: str, min_cosine_of: Callable[[Path], float],
+                       min_cosine: float, common: dict[str, Any], work: Path, progress: bool) -> dict[str, Any]:
     attempts = [False, True] if method == "dynamic" else [True]
     cosine = float("-inf")
     for per_channel in attempts:
-        quantize_onnx(fp32_path, int8_path, method, per_channel=per_channel, **common)
+        quantize_onnx(source, int8_path, method, per_channel=per_channel, **common)
         cosine = min_cosine_of(int8_path)
         if cosine >= min_cosine:
             return {"per_channel": per_channel, "excluded_nodes": [], "min_cosine": cosine}
-    nodes = weight_nodes(fp32_path, method)
+    nodes = weight_nodes(source, method)
     sensitivity = []
-    with tempfile.TemporaryDirectory(dir=int8_path.parent) as work:
-        probe = Path(work) / "probe.onnx"
-        for name in tqdm(nodes, desc=f"int8 sensitivity of {fp32_path.name}", disable=not progress, leave=False):
-            quantize_onnx(fp32_path, probe, method, per_channel=True, nodes_to_quantize=[name], **common)
-            sensitivity.append((min_cosine_of(probe), name))
+    probe = work / "probe.onnx"
+    for name in tqdm(nodes, desc=f"int8 sensitivity of {int8_path.name}", disable=not progress, leave=False):
+        quantize_onnx(source, probe, method, per_channel=True, nodes_to_quantize=[name], **common)
+        sensitivity.append((min_cosine_of(probe), name))
     ranked = [name for _, name in sorted(sensitivity)]  # most sensitive first
     count, tried = 1, 0
     while count < len(ranked):
         excluded, tried = ranked[:count], count
-        quantize_onnx(fp32_path, int8_path, method, per_channel=True, nodes_to_exclude=excluded, **common)
+        quantize_onnx(source, int8_path, method, per_channel=True, nodes_to_exclude=excluded, **common)
         cosine = min_cosine_of(int8_path)
         if cosine >= min_cosine:
             return {"per_channel": True, "excluded_nodes": excluded, "min_cosine": cosine}
