@@ -68,15 +68,17 @@ def fuse_attention(model) -> int:
         _expect(before is not None)
         masked = before.op_type == "Add"
         if masked:  # only the causal mask maps onto `unidirectional`
-            mask = constant(before.input[1])
+            mask_input = 1 if constant(before.input[1]) is not None else 0
+            mask = constant(before.input[mask_input])
             _expect(mask is not None and mask.ndim == 2 and mask.shape[0] == mask.shape[1])
             causal = np.triu(np.full(mask.shape, -np.inf, dtype=mask.dtype), 1)
             _expect(np.array_equal(mask, causal))
-        scores = made_by(before.input[0], "MatMul") if masked else before
+        scores = made_by(before.input[1 - mask_input], "MatMul") if masked else before
         _expect(scores.op_type == "MatMul")
         scale_q, k = made_by(scores.input[0], "Mul"), made_by(scores.input[1], "Transpose")
-        scale = constant(scale_q.input[1])
-        q = made_by(scale_q.input[0], "Transpose")
+        scale_input = 1 if constant(scale_q.input[1]) is not None else 0
+        scale = constant(scale_q.input[scale_input])
+        q = made_by(scale_q.input[1 - scale_input], "Transpose")
         _expect(scale is not None and scale.size == 1 and perm(q) == _HEADS_FIRST and perm(k) == _KEYS_TRANSPOSED)
         weighted = sole_consumer(softmax.output[0], "MatMul")
         v = made_by(weighted.input[1], "Transpose")

@@ -112,17 +112,30 @@ def quantize_within_bound(fp32_path: str | Path, int8_path: str | Path, method: 
     calibration = list(calibration) if calibration is not None else None
     common = {"calibration": calibration, "input_name": input_name}
     with tempfile.TemporaryDirectory(dir=int8_path.parent) as work:
-        source, fused = fp32_path, 0
-        if method == "dynamic":
-            candidate = Path(work) / "fused.onnx"
-            fused = fuse_attention_file(fp32_path, candidate)
-            if fused and min_cosine_of(candidate) >= FP32_BOUND.min_cosine:
-                source = candidate
-            else:
-                fused = 0
-        outcome = _quantize_to_bound(source, int8_path, method, min_cosine_of, min_cosine, common, Path(work),
-                                     progress)
-    return {**outcome, "fused_attention": fused}
+        work = Path(work)
+        fused = _fused_copy(fp32_path, work / "fused.onnx", min_cosine_of) if method == "dynamic" else 0
+        if fused:
+            try:
+                outcome = _quantize_to_bound(work / "fused.onnx", int8_path, method, min_cosine_of, min_cosine,
+                                             common, work, progress)
+                return {**outcome, "fused_attention": fused}
+            except ExportError:
+                pass  # quantizing the fused graph failed: the standard graph gets its own try
+        outcome = _quantize_to_bound(fp32_path, int8_path, method, min_cosine_of, min_cosine, common, work, progress)
+    return {**outcome, "fused_attention": 0}
+
+
+def _fused_copy(fp32_path: Path, fused_path: Path, min_cosine_of: Callable[[Path], float]) -> int:
+    """Write the attention-fused copy; its layer count, or 0 when nothing fused or the copy does not run or does
+    not match eager within the fp32 cosine bound (the fusion is an optimization, never a reason to fail)."""
+    fused = fuse_attention_file(fp32_path, fused_path)
+    if not fused:
+        return 0
+    try:
+        cosine = min_cosine_of(fused_path)
+    except Exception:  # onnxruntime's load and run errors have no common base class but Exception
+        return 0
+    return fused if cosine >= FP32_BOUND.min_cosine else 0
 
 
 def _quantize_to_bound(source: Path, int8_path: Path, method: str, min_cosine_of: Callable[[Path], float],

@@ -76,3 +76,19 @@ def test_int8_towers_are_fused_and_say_so(student_export):
     fp32, int8 = _run(student_export / "text_encoder.onnx", tokens), _run(student_export / "text_encoder.int8.onnx",
                                                                              tokens)
     assert (fp32 * int8).sum(axis=1).min() >= 0.99
+
+
+def test_a_fused_copy_that_fails_its_check_falls_back_to_the_standard_graph(student_export, tmp_path):
+    from export.quantize import quantize_within_bound
+
+    fp32 = student_export / "text_encoder.onnx"
+
+    def broken_fusion(path):  # the fused copy does not run; every quantized file passes
+        if path.name == "fused.onnx":
+            raise RuntimeError("onnxruntime cannot load it")
+        return 1.0
+
+    outcome = quantize_within_bound(fp32, tmp_path / "a.int8.onnx", "dynamic", broken_fusion, 0.99)
+    assert outcome["fused_attention"] == 0 and "QAttention" not in _ops(onnx.load(str(tmp_path / "a.int8.onnx")))
+    outcome = quantize_within_bound(fp32, tmp_path / "b.int8.onnx", "dynamic", lambda path: 1.0, 0.99)
+    assert outcome["fused_attention"] == 3 and _ops(onnx.load(str(tmp_path / "b.int8.onnx")))["QAttention"] == 3
