@@ -50,6 +50,13 @@ def fuse_attention(model) -> int:
     def constant(name: str) -> np.ndarray | None:
         return numpy_helper.to_array(initializers[name]) if name in initializers else None
 
+    def constant_operand(node) -> tuple[str, np.ndarray, str]:
+        """The constant input of a two-input node, either side (name and value), and the other input's name."""
+        for side in (1, 0):
+            if node.input[side] in initializers:
+                return node.input[side], constant(node.input[side]), node.input[1 - side]
+        raise _NoMatch
+
     def made_by(name: str, op_type: str):
         node = producer.get(name)
         _expect(node is not None and node.op_type == op_type)
@@ -67,19 +74,17 @@ def fuse_attention(model) -> int:
         before = producer.get(softmax.input[0])
         _expect(before is not None)
         masked = before.op_type == "Add"
+        scores = before
         if masked:  # only the causal mask maps onto `unidirectional`
-            mask_input = 1 if constant(before.input[1]) is not None else 0
-            mask = constant(before.input[mask_input])
-            _expect(mask is not None and mask.ndim == 2 and mask.shape[0] == mask.shape[1])
-            causal = np.triu(np.full(mask.shape, -np.inf, dtype=mask.dtype), 1)
-            _expect(np.array_equal(mask, causal))
-        scores = made_by(before.input[1 - mask_input], "MatMul") if masked else before
+            _, mask, scores_name = constant_operand(before)
+            _expect(mask.ndim == 2 and mask.shape[0] == mask.shape[1])
+            _expect(np.array_equal(mask, np.triu(np.full(mask.shape, -np.inf, dtype=mask.dtype), 1)))
+            scores = made_by(scores_name, "MatMul")
         _expect(scores.op_type == "MatMul")
         scale_q, k = made_by(scores.input[0], "Mul"), made_by(scores.input[1], "Transpose")
-        scale_input = 1 if constant(scale_q.input[1]) is not None else 0
-        scale = constant(scale_q.input[scale_input])
-        q = made_by(scale_q.input[1 - scale_input], "Transpose")
-        _expect(scale is not None and scale.size == 1 and perm(q) == _HEADS_FIRST and perm(k) == _KEYS_TRANSPOSED)
+        _, scale, q_name = constant_operand(scale_q)
+        q = made_by(q_name, "Transpose")
+        _expect(scale.size == 1 and perm(q) == _HEADS_FIRST and perm(k) == _KEYS_TRANSPOSED)
         weighted = sole_consumer(softmax.output[0], "MatMul")
         v = made_by(weighted.input[1], "Transpose")
         merge = sole_consumer(weighted.output[0], "Transpose")
@@ -94,10 +99,11 @@ def fuse_attention(model) -> int:
         _expect(projection is not None)
         bias = None
         if projection.op_type == "Add":
-            bias, add = projection.input[1], projection
-            _expect(constant(bias) is not None and constant(bias).ndim == 1)
-            projection = made_by(add.input[0], "MatMul")
-        _expect(projection.op_type == "MatMul" and constant(projection.input[1]) is not None)
+            add = projection
+            bias, bias_value, product = constant_operand(add)
+            _expect(bias_value.ndim == 1)
+            projection = made_by(product, "MatMul")
+        _expect(projection.op_type == "MatMul" and projection.input[1] in initializers)
         chain = [projection] + ([add] if bias else []) + [split, *heads_shape, q, k, v, scale_q, scores] + \
             ([before] if masked else []) + [softmax, weighted, merge, out]
         inside = {name for node in chain for name in node.output} - {out.output[0]}
@@ -115,7 +121,7 @@ def fuse_attention(model) -> int:
         projection, bias = found["projection"], found["bias"]
         if bias is None:  # Attention's bias input is required
             bias = f"{projection.name}_zero_bias"
-            width = constant(projection.input[1]).shape[1]
+            width = initializers[projection.input[1]].dims[-1]
             graph.initializer.append(numpy_helper.from_array(np.zeros(width, np.float32), bias))
         attention = helper.make_node(
             "Attention", [projection.input[0], projection.input[1], bias], [found["output"]],
