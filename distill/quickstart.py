@@ -37,7 +37,7 @@ class QuickstartConfig:
     batch_size: int = 128
     teacher_m_steps: int = 90
     teacher_s_steps: int = 45
-    teacher_lr: float = 1e-3
+    teacher_lr: float = 1e-3  # also the baseline's: it is trained like the teachers
     captioner_steps: int = 30
     captioner_batch_size: int = 64  # its loss over a 49408-word vocabulary makes a captioner step the costliest
     captioner_lr: float = 3e-3  # at 1e-3 its 30 steps leave the vocabulary flat: word salad, and wide nuclei that
@@ -112,7 +112,7 @@ def quickstart(out_dir: str | Path, config: QuickstartConfig | None = None, prog
     stages.run("emoji dataset", (data / "manifest.json").is_file(),
                lambda: build_emoji_dataset(data, limit=config.limit, seed=config.seed, progress=progress), data)
 
-    def teacher(arch: str, steps: int, name: str, batch_size: int, lr: float = 1e-3) -> None:
+    def teacher(arch: str, steps: int, name: str, batch_size: int, lr: float) -> None:
         warmup = max(1, min(100, steps // 4))
         train_teacher(arch, str(data), out / name,
                       TeacherTrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup,
@@ -145,7 +145,8 @@ def quickstart(out_dir: str | Path, config: QuickstartConfig | None = None, prog
                lambda: distill(str(reinforced), student, recipe, resume=student.exists(), progress=progress,
                                command="mobiledistill quickstart"), student)
     stages.run(f"baseline {config.student} ({config.distill_steps} steps, CLIP loss)", _is_model_dir(out / "baseline"),
-               lambda: teacher(config.student, config.distill_steps, "baseline", config.batch_size), out / "baseline")
+               lambda: teacher(config.student, config.distill_steps, "baseline", config.batch_size, config.teacher_lr),
+               out / "baseline")  # the teachers' recipe: CLIP loss on the raw images
 
     splits = ["test"] + (["test_noto"] if (data / "test_noto").is_dir() else [])
     evals = out / "eval"
