@@ -279,7 +279,7 @@ def _calibration_images(loaded: LoadedModel, config: ExportConfig, size: int) ->
 def _quantize_tower(tower: _Tower, directory: Path, calibration: torch.Tensor, bound, progress: bool
                     ) -> dict[str, Any]:
     from export.onnx_export import onnx_session, run_onnx
-    from export.quantize import quantization_method, quantize_within_bound
+    from export.quantize import grouped_convs, quantization_method, quantize_within_bound
 
     fp32_path, int8_path = directory / tower.onnx_name, directory / tower.int8_name
     method = quantization_method(fp32_path, tower.name)
@@ -296,7 +296,8 @@ def _quantize_tower(tower: _Tower, directory: Path, calibration: torch.Tensor, b
     check_parity(tower.int8_name, metrics, bound)
     return _file_entry(int8_path, tower, "int8", metrics, session, method=method,
                        calibration_samples=len(calibration) if batches else 0, per_channel=outcome["per_channel"],
-                       float32_nodes=outcome["excluded_nodes"], fused_attention=outcome["fused_attention"])
+                       float32_nodes=outcome["excluded_nodes"], fused_attention=outcome["fused_attention"],
+                       float32_grouped_convs=len(grouped_convs(fp32_path)) if method == "static_qdq" else 0)
 
 
 def _zero_shot_change(loaded: LoadedModel, directory: Path, towers: dict, config: ExportConfig) -> dict[str, Any]:

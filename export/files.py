@@ -107,6 +107,12 @@ def export_readme(report: dict[str, Any], preprocess: dict[str, Any], tokenizer:
         lines += [", ".join(f"`{name}`" for name in fused) + " fuse self-attention into onnxruntime's contrib "
                   "`QAttention` op: they run in onnxruntime (desktop, and its full mobile package), not in other ONNX "
                   "runtimes. The fp32 `.onnx` files use standard ONNX operators only.", ""]
+    grouped = [(name, entry["float32_grouped_convs"]) for name, entry in files.items()
+               if entry.get("float32_grouped_convs")]
+    for name, count in grouped:
+        lines += [f"`{name}` keeps its {count} grouped (depthwise) convolutions, and the element-wise ops between "
+                  "layers, in float32: onnxruntime's int8 kernels for them are slower than its float ones on a CPU.",
+                  ""]
     if report.get("coreml_note"):
         lines += [report["coreml_note"], ""]
     text_file = "text_encoder.onnx"

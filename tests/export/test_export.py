@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -47,6 +48,17 @@ def test_fastvit_tower_is_reparameterized_exported_and_int8_static(fastvit_model
     int8 = report["files"]["image_encoder.int8.onnx"]
     assert int8["method"] == "static_qdq" and int8["calibration_samples"] == 4 and int8["min_cosine"] >= 0.99
     assert report["files"]["text_encoder.int8.onnx"]["method"] == "dynamic"
+    # Dense convolutions are int8; grouped ones stay float and take a float input, so that onnxruntime does not
+    # quantize their weights itself (it does when a DequantizeLinear feeds them).
+    graph = onnx.load(str(tmp_path / "out" / "image_encoder.int8.onnx")).graph
+    producer = {name: node.op_type for node in graph.node for name in node.output}
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    grouped = [n for n in convs if next((a.i for a in n.attribute if a.name == "group"), 1) > 1]
+    assert len(grouped) == int8["float32_grouped_convs"] > 0
+    assert all(producer.get(n.input[1]) != "DequantizeLinear" for n in grouped)
+    assert all(producer.get(n.input[0]) != "DequantizeLinear" for n in grouped)
+    assert all(producer.get(n.input[1]) == "DequantizeLinear" for n in convs if n not in grouped)
+    assert "grouped (depthwise) convolutions" in (tmp_path / "out" / "README.md").read_text()
 
 
 def test_int8_parity_and_zero_shot_change_on_a_dataset(student_export, tiny_model_dirs, shapes_root, tmp_path):

@@ -34,3 +34,31 @@ def test_most_sensitive_nodes_stay_float_until_the_bound_holds(student_export, t
     with pytest.raises(ExportError, match="misses its parity bound"):
         quantize_within_bound(fp32, tmp_path / "never.int8.onnx", "dynamic", lambda path: 0.5, 0.99)
     assert not (tmp_path / "never.int8.onnx").exists()
+
+
+def test_static_quantization_leaves_grouped_convolutions_float(tmp_path):
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = {"dense_w": rng.standard_normal((8, 8, 1, 1)), "depthwise_w": rng.standard_normal((8, 1, 3, 3)),
+               "out_w": rng.standard_normal((8, 8, 1, 1))}
+    graph = helper.make_graph(  # a MobileCLIP-like block: a residual add in front of a depthwise convolution
+        [helper.make_node("Conv", ["image", "dense_w"], ["a"], name="dense"),
+         helper.make_node("Add", ["a", "image"], ["r"], name="residual"),
+         helper.make_node("Conv", ["r", "depthwise_w"], ["b"], name="depthwise", group=8, pads=[1, 1, 1, 1]),
+         helper.make_node("Conv", ["b", "out_w"], ["out"], name="out")],
+        "convs", [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 8, 6, 6])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 8, 6, 6])],
+        [numpy_helper.from_array(w.astype(np.float32), name) for name, w in weights.items()])
+    fp32 = tmp_path / "convs.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(fp32))
+    assert weight_nodes(fp32, "static_qdq") == ["dense", "out"]
+    calibration = [rng.standard_normal((1, 8, 6, 6)).astype(np.float32) for _ in range(4)]
+    int8 = onnx.load(str(quantize_onnx(fp32, tmp_path / "convs.int8.onnx", "static_qdq", calibration)))
+    producer = {name: node.op_type for node in int8.graph.node for name in node.output}
+    convs = {node.name: node for node in int8.graph.node if node.op_type == "Conv"}
+    assert producer[convs["dense"].input[1]] == producer[convs["out"].input[1]] == "DequantizeLinear"
+    # The residual add stays float, so the depthwise conv takes its float output (no DequantizeLinear that would
+    # make onnxruntime quantize the conv's weight itself) and keeps its float weight.
+    assert list(convs["depthwise"].input[:2]) == ["r", "depthwise_w"] and producer["r"] == "Add"
