@@ -15,8 +15,6 @@ its last checkpoint, as `--resume` does for one run. A single `--target-sparsity
 """
 
 import dataclasses
-import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -26,7 +24,7 @@ import yaml
 from distill.errors import UserInputError
 from distill.recipe import DistillConfig, PruneConfig, stage_config
 from distill.train import distill
-from teachers.model_dir import CONFIG_NAME, PROVENANCE_NAME, read_provenance, write_json_atomic
+from teachers.model_dir import CONFIG_NAME, PROVENANCE_NAME, copy_file_atomic, read_provenance, write_json_atomic
 
 __all__ = ["is_staged", "run_stages"]
 
@@ -73,14 +71,10 @@ def _publish(model_dir: Path, run_dir: Path, extra: dict[str, Any]) -> None:
     """Copy the last stage's model files into run_dir, its config last (until then run_dir does not load)."""
     for path in sorted(model_dir.iterdir()):
         if path.is_file() and path.name != CONFIG_NAME:
-            tmp = run_dir / f".{path.name}.tmp-{os.getpid()}"
-            shutil.copyfile(path, tmp)
-            os.replace(tmp, run_dir / path.name)
+            copy_file_atomic(path, run_dir / path.name)
     provenance = {**read_provenance(model_dir), **extra}
     write_json_atomic(run_dir / PROVENANCE_NAME, provenance)
-    tmp = run_dir / f".{CONFIG_NAME}.tmp-{os.getpid()}"
-    shutil.copyfile(model_dir / CONFIG_NAME, tmp)
-    os.replace(tmp, run_dir / CONFIG_NAME)
+    copy_file_atomic(model_dir / CONFIG_NAME, run_dir / CONFIG_NAME)
 
 
 def run_stages(data: str, run_dir: str | Path, config: DistillConfig, images: str | None = None,

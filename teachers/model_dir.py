@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 __all__ = ["save_model_dir", "write_model_files", "atomic_directory", "read_provenance", "update_provenance",
-           "write_text_atomic", "write_json_atomic", "PROVENANCE_NAME", "WEIGHTS_NAME"]
+           "write_text_atomic", "write_json_atomic", "copy_file_atomic", "PROVENANCE_NAME", "WEIGHTS_NAME"]
 
 CONFIG_NAME = "open_clip_config.json"
 WEIGHTS_NAME = "open_clip_model.safetensors"
@@ -94,6 +94,14 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def copy_file_atomic(source: str | Path, destination: str | Path) -> None:
+    """Copy `source` to `destination` the way `write_text_atomic` writes: readers never see a partial copy."""
+    destination = Path(destination)
+    tmp = destination.with_name(f".{destination.name}.tmp-{os.getpid()}")
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, destination)
 
 
 def write_json_atomic(path: str | Path, data: Any) -> None:
