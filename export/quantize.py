@@ -6,12 +6,11 @@ first fused into onnxruntime's `Attention` op, which quantizes to one `QAttentio
 (MobileCLIP's MCi / FastViT) get static QDQ quantization: int8 weights per channel and activation ranges
 calibrated on real images, the format mobile runtimes (NNAPI, XNNPACK, CoreML's ONNX importers) accelerate.
 
-Static QDQ quantizes the dense convolutions and matrix products only. Grouped (depthwise) convolutions stay float:
-onnxruntime's int8 kernels for them run about 4.5x slower than its float ones on an AVX-512 CPU (MobileCLIP2-S0 at
-256 px: 23.4 ms against 5.1 ms for its 44 of them), and they hold a tiny share of the weights. The element-wise ops
-between (residual adds, layer scales) stay float too: a quantized add puts a DequantizeLinear in front of the next
-depthwise convolution, and onnxruntime then quantizes that convolution's weight itself (its WeightBiasQuantization
-pass) and runs the slow kernel after all.
+Static QDQ leaves grouped (depthwise) convolutions in float: onnxruntime's int8 kernels for them run about 4.5x
+slower than its float ones on an AVX-512 CPU (MobileCLIP2-S0 at 256 px: 21.3 ms against 4.7 ms for its 44 of them),
+and they hold a tiny share of the weights. The node that feeds each of them (in MobileCLIP, a residual add) stays
+float too: a quantized output puts a DequantizeLinear in front of the convolution, and onnxruntime's own
+WeightBiasQuantization pass then quantizes that convolution's float weight itself and runs the slow kernel anyway.
 """
 
 import tempfile
@@ -27,12 +26,11 @@ from export.onnx_export import count_ops
 from export.parity import FP32_BOUND, ExportError
 
 __all__ = ["quantization_method", "quantize_onnx", "quantize_within_bound", "weight_nodes", "grouped_convs",
-           "CONV_TOWER_MIN_CONVS"]
+           "float_in_static", "CONV_TOWER_MIN_CONVS"]
 
 # A ViT has exactly one Conv (its patch embedding); a convolutional stem alone has a few. More than this many
 # Conv nodes means the tower is mostly convolutional.
 CONV_TOWER_MIN_CONVS = 8
-STATIC_OP_TYPES = ["Conv", "MatMul", "Gemm"]  # what static QDQ quantizes; grouped convolutions excepted
 
 
 def quantization_method(onnx_path: str | Path, tower: str) -> str:
@@ -80,10 +78,11 @@ def quantize_onnx(fp32_path: str | Path, int8_path: str | Path, method: str,
                 # stops at the exporter's dynamic Expand nodes, onnx's own inference is enough here.
                 prepared = Path(work) / "prepared.onnx"
                 quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
-                selection["nodes_to_exclude"] = list(nodes_to_exclude or []) + grouped_convs(prepared)
+                selection["nodes_to_exclude"] = list(nodes_to_exclude or []) + float_in_static(prepared)
                 quantize_static(str(prepared), str(int8_path), _Reader(), quant_format=QuantFormat.QDQ,
                                 per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                                op_types_to_quantize=STATIC_OP_TYPES, **selection)
+                                **selection)
+            _grouped_convs_read_float(int8_path)
         else:
             raise ValueError(f"unknown quantization method {method!r}")
     except (ValueError, RuntimeError, KeyError, TypeError) as e:
@@ -95,23 +94,69 @@ def quantize_onnx(fp32_path: str | Path, int8_path: str | Path, method: str,
 
 def weight_nodes(onnx_path: str | Path, method: str) -> list[str]:
     """Names of the nodes quantization turns int8: matrix products, fused attention (its QKV weight) and, for
-    static QDQ, dense convolutions with a constant weight."""
+    static QDQ, convolutions with a constant weight; not what static QDQ always keeps float (`float_in_static`)."""
     import onnx
 
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
     constants = {t.name for t in graph.initializer}
     op_types = {"MatMul", "Gemm", "Attention"} | ({"Conv"} if method == "static_qdq" else set())
-    grouped = set(grouped_convs(onnx_path)) if method == "static_qdq" else set()
+    kept_float = set(float_in_static(onnx_path)) if method == "static_qdq" else set()
     return [n.name for n in graph.node
-            if n.op_type in op_types and any(i in constants for i in n.input) and n.name not in grouped]
+            if n.op_type in op_types and any(i in constants for i in n.input) and n.name not in kept_float]
 
 
 def grouped_convs(onnx_path: str | Path) -> list[str]:
     """Names of the grouped (e.g. depthwise) Conv nodes, which static QDQ leaves in float."""
     import onnx
 
+    return [n.name for n in _grouped(onnx.load(str(onnx_path), load_external_data=False).graph)]
+
+
+def float_in_static(onnx_path: str | Path) -> list[str]:
+    """What static QDQ keeps in float: the grouped convolutions and the nodes that produce their inputs."""
+    import onnx
+
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
-    return [n.name for n in graph.node
+    producer = {name: node for node in graph.node for name in node.output}
+    grouped = _grouped(graph)
+    feeders = [producer[n.input[0]].name for n in grouped if n.input[0] in producer]
+    return list(dict.fromkeys([n.name for n in grouped] + feeders))
+
+
+def _grouped_convs_read_float(int8_path: Path) -> None:
+    """Point every grouped convolution that reads a quantize-dequantize pair at the float tensor before it.
+
+    The quantizer shares one pair among a tensor's readers, so a float convolution can still read a dequantized
+    tensor when another reader of the same tensor is int8; onnxruntime would then quantize the convolution. The
+    other readers keep the pair; a pair left without readers is removed, with its scale and zero point."""
+    import onnx
+
+    model = onnx.load(str(int8_path))
+    graph = model.graph
+    producer = {name: node for node in graph.node for name in node.output}
+    rewired = 0
+    for conv in _grouped(graph):
+        dequantize = producer.get(conv.input[0])
+        quantize = producer.get(dequantize.input[0]) if dequantize is not None else None
+        if dequantize is not None and dequantize.op_type == "DequantizeLinear" and quantize is not None \
+                and quantize.op_type == "QuantizeLinear":
+            conv.input[0] = quantize.input[0]
+            rewired += 1
+    if not rewired:
+        return
+    outputs = {o.name for o in graph.output}
+    for op_type in ("DequantizeLinear", "QuantizeLinear"):  # readers first, so a bare pair goes in two passes
+        read = {name for node in graph.node for name in node.input} | outputs
+        for node in [n for n in graph.node if n.op_type == op_type and n.output[0] not in read]:
+            graph.node.remove(node)
+    read = {name for node in graph.node for name in node.input}
+    for tensor in [t for t in graph.initializer if t.name not in read]:
+        graph.initializer.remove(tensor)  # the removed pairs' scales and zero points
+    onnx.save(model, str(int8_path))
+
+
+def _grouped(graph) -> list:
+    return [n for n in graph.node
             if n.op_type == "Conv" and next((a.i for a in n.attribute if a.name == "group"), 1) > 1]
 
 

@@ -47,7 +47,8 @@ def test_static_quantization_leaves_grouped_convolutions_float(tmp_path):
         [helper.make_node("Conv", ["image", "dense_w"], ["a"], name="dense"),
          helper.make_node("Add", ["a", "image"], ["r"], name="residual"),
          helper.make_node("Conv", ["r", "depthwise_w"], ["b"], name="depthwise", group=8, pads=[1, 1, 1, 1]),
-         helper.make_node("Conv", ["b", "out_w"], ["out"], name="out")],
+         helper.make_node("Conv", ["b", "out_w"], ["o"], name="out"),
+         helper.make_node("Add", ["o", "r"], ["out"], name="skip")],
         "convs", [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 8, 6, 6])],
         [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 8, 6, 6])],
         [numpy_helper.from_array(w.astype(np.float32), name) for name, w in weights.items()])
@@ -59,6 +60,14 @@ def test_static_quantization_leaves_grouped_convolutions_float(tmp_path):
     producer = {name: node.op_type for node in int8.graph.node for name in node.output}
     convs = {node.name: node for node in int8.graph.node if node.op_type == "Conv"}
     assert producer[convs["dense"].input[1]] == producer[convs["out"].input[1]] == "DequantizeLinear"
-    # The residual add stays float, so the depthwise conv takes its float output (no DequantizeLinear that would
-    # make onnxruntime quantize the conv's weight itself) and keeps its float weight.
+    # The depthwise conv takes the float sum (no DequantizeLinear, which would make onnxruntime quantize the conv's
+    # weight itself), though the int8 add "skip" reads that sum through a quantize-dequantize pair.
     assert list(convs["depthwise"].input[:2]) == ["r", "depthwise_w"] and producer["r"] == "Add"
+    skip = next(node for node in int8.graph.node if node.name == "skip")
+    assert [producer[name] for name in skip.input] == ["DequantizeLinear", "DequantizeLinear"]
+    import onnxruntime as ort  # the rewired graph still loads and stays close to the float one
+
+    x = calibration[0]
+    ref, out = (ort.InferenceSession(str(path)).run(None, {"image": x})[0].ravel()
+                for path in (fp32, tmp_path / "convs.int8.onnx"))
+    assert out @ ref / (np.linalg.norm(out) * np.linalg.norm(ref)) > 0.99
