@@ -110,9 +110,8 @@ def export_readme(report: dict[str, Any], preprocess: dict[str, Any], tokenizer:
     grouped = [(name, entry["float32_grouped_convs"]) for name, entry in files.items()
                if entry.get("float32_grouped_convs")]
     for name, count in grouped:
-        lines += [f"`{name}` keeps its {count} grouped (depthwise) convolutions, and the element-wise ops between "
-                  "layers, in float32: onnxruntime's int8 kernels for them are slower than its float ones on a CPU.",
-                  ""]
+        lines += [f"`{name}` keeps its {count} grouped (depthwise) convolutions, and the ops that feed them, in "
+                  "float32: onnxruntime's int8 kernels for them are slower than its float ones on a CPU.", ""]
     if report.get("coreml_note"):
         lines += [report["coreml_note"], ""]
     text_file = "text_encoder.onnx"
