@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from export.bench import _image_input, _text_input  # noqa: E402
+from export.bench import bench_image_input, bench_text_input  # noqa: E402
 from export.onnx_export import onnx_session  # noqa: E402
 
 
@@ -31,8 +31,8 @@ def feed_for(path: Path, session) -> dict[str, np.ndarray]:
     tokenizer, preprocess = path.parent / "tokenizer.json", path.parent / "preprocess.json"
     meta = session.get_inputs()[0]
     if "int" in meta.type:
-        return {meta.name: _text_input(json.loads(tokenizer.read_text()))}
-    return {meta.name: _image_input(json.loads(preprocess.read_text()))}
+        return {meta.name: bench_text_input(json.loads(tokenizer.read_text()))}
+    return {meta.name: bench_image_input(json.loads(preprocess.read_text()))}
 
 
 def median_ms(path: Path, feed: dict[str, np.ndarray], threads: int, runs: int) -> float:

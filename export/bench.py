@@ -22,7 +22,8 @@ from tqdm import tqdm
 
 from distill.errors import UserInputError
 
-__all__ = ["BenchConfig", "bench_export", "time_call", "format_bench_table", "COREML_ELSEWHERE"]
+__all__ = ["BenchConfig", "bench_export", "bench_image_input", "bench_text_input", "time_call", "format_bench_table",
+           "COREML_ELSEWHERE"]
 
 COREML_ELSEWHERE = ("CoreML latency needs macOS or a device: run `mobiledistill bench EXPORT_DIR` on a Mac (it times "
                     "each .mlpackage with compute units ALL and CPU_ONLY), or open the .mlpackage in Xcode and run a "
@@ -74,7 +75,7 @@ def bench_export(export_dir: str | Path, config: BenchConfig | None = None) -> d
     report = json.loads((directory / REPORT_NAME).read_text())
     preprocess = json.loads((directory / "preprocess.json").read_text())
     tokenizer = json.loads((directory / "tokenizer.json").read_text())
-    inputs = {"image": _image_input(preprocess), "text": _text_input(tokenizer)}
+    inputs = {"image": bench_image_input(preprocess), "text": bench_text_input(tokenizer)}
     threads = config.threads or tuple(sorted({1, os.cpu_count() or 1}))
 
     onnx_files = sorted(directory.glob("*_encoder*.onnx"))
@@ -127,12 +128,13 @@ def bench_export(export_dir: str | Path, config: BenchConfig | None = None) -> d
             "config": {"runs": config.runs, "warmup": config.warmup, "threads": list(threads)}}
 
 
-def _image_input(preprocess: dict[str, Any]) -> np.ndarray:
+def bench_image_input(preprocess: dict[str, Any]) -> np.ndarray:
+    """The image `bench` feeds: batch 1 at the export's input size, fixed random values (latency ignores them)."""
     height, width = preprocess["size"]
     return np.random.default_rng(0).standard_normal((1, 3, height, width)).astype(np.float32)
 
 
-def _text_input(tokenizer: dict[str, Any]) -> np.ndarray:
+def bench_text_input(tokenizer: dict[str, Any]) -> np.ndarray:
     """A real caption's ids (the tokenizer's first worked example), padded to the context length."""
     ids = np.zeros((1, tokenizer["context_length"]), dtype=np.int32)
     example = tokenizer["examples"][0]["ids"][: tokenizer["context_length"]]
