@@ -111,8 +111,8 @@ def main() -> None:
         for threads in sorted({1, cores}):
             image = median(rows, "image_encoder.onnx", threads) / median(rows, "image_encoder (eager)", threads)
             int8 = median(rows, "text_encoder.int8.onnx", threads)
-            text, fused = int8 / median(rows, "text_encoder.onnx", threads), median(rows, "text_encoder.fused.onnx",
-                                                                                   threads)
+            text = int8 / median(rows, "text_encoder.onnx", threads)
+            fused = median(rows, "text_encoder.fused.onnx", threads)
             print(f"goals, {threads} thread(s): student image fp32 ONNX / eager {image:.2f} (<= 0.7), "
                   f"int8 / fp32 ONNX text {text:.2f} (<= 0.7); int8 / fused fp32 text "
                   f"{'-' if fused is None else f'{int8 / fused:.2f}'}")

@@ -10,7 +10,6 @@ thread pools); printed per tower and thread count: every repeat's int8 / fp32 ra
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -28,16 +27,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work:
         for repeat in range(args.repeats):
             result_path = Path(work) / f"{repeat}.json"
-            subprocess.run([sys.executable, "-m", "distill", "bench", args.export_dir, "--no-torch", "--runs",
-                            str(args.runs), "--json", str(result_path)], check=True, stdout=subprocess.DEVNULL,
-                           env={**os.environ, "TQDM_DISABLE": "1"})
+            done = subprocess.run([sys.executable, "-m", "distill", "bench", args.export_dir, "--no-torch", "--runs",
+                                   str(args.runs), "--json", str(result_path)], capture_output=True, text=True)
+            if done.returncode:  # its progress bars are not shown; its error is
+                sys.exit(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode)
             rows = json.loads(result_path.read_text())["results"]
             median = {(r["file"], r["threads"]): r["median_ms"] for r in rows}
             for (file, threads), int8_ms in median.items():
-                if ".int8." in file and (file.replace(".int8", ""), threads) in median:
+                fp32_ms = median.get((file.replace(".int8", ""), threads))
+                if ".int8." in file and fp32_ms:
                     tower = file.split("_", 1)[0]
-                    ratios.setdefault((tower, threads), []).append(int8_ms / median[file.replace(".int8", ""),
-                                                                                       threads])
+                    ratios.setdefault((tower, threads), []).append(int8_ms / fp32_ms)
     print(f"int8 / fp32 ONNX latency, {args.repeats} repeats of `mobiledistill bench {args.export_dir} --no-torch "
           f"--runs {args.runs}`")
     print("| tower | threads | ratio per repeat | mean | min | max |")

@@ -13,17 +13,15 @@ the residual branch): the numbers are wrong, the saving in median latency agains
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
-import time
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from export.bench import bench_image_input, bench_text_input  # noqa: E402
+from export.bench import bench_image_input, bench_text_input, time_call  # noqa: E402
 from export.onnx_export import onnx_session  # noqa: E402
 
 
@@ -37,14 +35,7 @@ def feed_for(path: Path, session) -> dict[str, np.ndarray]:
 
 def median_ms(path: Path, feed: dict[str, np.ndarray], threads: int, runs: int) -> float:
     session = onnx_session(path, threads=threads)
-    for _ in range(20):
-        session.run(None, feed)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        session.run(None, feed)
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+    return time_call(lambda: session.run(None, feed), runs, warmup=20)["median_ms"]
 
 
 def profile(path: Path, threads: int, runs: int) -> None:
