@@ -44,7 +44,8 @@ def quantize_onnx(fp32_path: str | Path, int8_path: str | Path, method: str,
                   calibration: Iterable[np.ndarray] | None = None, input_name: str = "image", per_channel: bool = False,
                   nodes_to_quantize: list[str] | None = None, nodes_to_exclude: list[str] | None = None) -> Path:
     """Write the int8 version of `fp32_path`; `calibration` yields (1, ...) input arrays for static QDQ (which is
-    always per channel). `nodes_to_quantize` / `nodes_to_exclude` restrict which nodes become int8."""
+    always per channel, and always keeps `float_in_static` nodes float). `nodes_to_quantize` / `nodes_to_exclude`
+    restrict which nodes become int8."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         QuantFormat,
