@@ -2,6 +2,13 @@
 
 Each file is a single self-contained `.onnx` (weights inside, no `.data` side file) with a dynamic batch axis,
 checked with `onnx.checker` and then run in onnxruntime against the eager model before it counts as exported.
+
+One rewrite follows the export (`sum_before_layer_norm`): an `Add` whose only reader is a `LayerNormalization`
+becomes the equivalent `Sum`. onnxruntime's CPU provider otherwise fuses the pair into its contrib
+`SkipLayerNormalization`, whose kernel is a scalar loop with a division per element: 80 us against 16 us for `Add`
+plus the vectorized `LayerNormalization` on 32 x 384 values, 234 us against 33 us on 50 x 768 (onnxruntime 1.32,
+one thread). BERT-style post-norm text towers have one such pair per sublayer; pre-norm towers have one, before
+the final norm.
 """
 
 import logging
@@ -14,7 +21,7 @@ import torch
 
 from export.parity import ExportError
 
-__all__ = ["export_onnx", "check_onnx", "onnx_session", "run_onnx", "count_ops"]
+__all__ = ["export_onnx", "sum_before_layer_norm", "check_onnx", "onnx_session", "run_onnx", "count_ops"]
 
 _OP_PATTERNS = (re.compile(r"op='(aten\.[A-Za-z0-9_]+)'"), re.compile(r"torch\.ops\.(aten\.[A-Za-z0-9_]+)"),
                 re.compile(r"\b(aten::[A-Za-z0-9_]+)"))
@@ -23,6 +30,8 @@ _OP_PATTERNS = (re.compile(r"op='(aten\.[A-Za-z0-9_]+)'"), re.compile(r"torch\.o
 def export_onnx(module: torch.nn.Module, example: torch.Tensor, path: str | Path, input_name: str, output_name: str,
                 tower: str) -> Path:
     """Export `module(example)` to `path` with a dynamic batch axis; a failure names the tower and the operator."""
+    import onnx
+
     path = Path(path)
     batch = torch.export.Dim("batch", min=1, max=4096)
     for name in ("onnxscript", "torch.onnx", "torch.export"):
@@ -37,7 +46,36 @@ def export_onnx(module: torch.nn.Module, example: torch.Tensor, path: str | Path
         op = _failing_operator(e)
         reason = f"operator {op} has no ONNX conversion" if op else _first_line(e)
         raise ExportError(f"cannot export the {tower} tower to ONNX: {reason}") from e
+    model = onnx.load(str(path))
+    if sum_before_layer_norm(model):
+        onnx.save(model, str(path))
     return path
+
+
+def sum_before_layer_norm(model) -> int:
+    """Turn every `Add` of two computed tensors (a residual sum) read only by a `LayerNormalization` into `Sum`,
+    in place; returns how many.
+
+    Same values (`Sum` broadcasts as `Add` does), but no longer the pattern onnxruntime fuses into its slow
+    `SkipLayerNormalization` kernel (see the module docstring). Adds of a constant (biases) are left as they are,
+    for the fusions that do pay (MatMul + bias into Gemm)."""
+    graph = model.graph
+    readers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    outputs = {o.name for o in graph.output}
+    constants = {t.name for t in graph.initializer} | {n.output[0] for n in graph.node if n.op_type == "Constant"}
+    changed = 0
+    for node in graph.node:
+        if node.op_type != "Add" or node.domain not in ("", "ai.onnx") or node.output[0] in outputs \
+                or any(name in constants for name in node.input):
+            continue
+        users = readers.get(node.output[0], [])
+        if len(users) == 1 and users[0].op_type == "LayerNormalization" and users[0].input[0] == node.output[0]:
+            node.op_type = "Sum"
+            changed += 1
+    return changed
 
 
 def _failing_operator(error: BaseException) -> str | None:
