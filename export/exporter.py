@@ -143,10 +143,11 @@ def _export_into(loaded: LoadedModel, directory: Path, config: ExportConfig) -> 
     zeroshot = None
     if config.quantize:
         int8_bound = ParityBound(None, config.int8_min_cosine)
-        calibration = _calibration_images(loaded, config, max(height, width))
+        calibration = _calibration_inputs(loaded, config, max(height, width))
         for tower in towers.values():
             bar.set_postfix_str(f"{tower.name} tower -> int8")
-            files[tower.int8_name] = _quantize_tower(tower, directory, calibration, int8_bound, config.progress)
+            files[tower.int8_name] = _quantize_tower(tower, directory, calibration[tower.name], int8_bound,
+                                                     config.progress)
             bar.update()
         if config.data is not None and len(towers) == len(TOWERS):
             bar.set_postfix_str("zero-shot fp32 vs int8")
@@ -267,13 +268,16 @@ def _size_of(path: Path) -> int:
     return path.stat().st_size
 
 
-def _calibration_images(loaded: LoadedModel, config: ExportConfig, size: int) -> torch.Tensor:
-    """Calibration images for static quantization: the training split when the dataset has one."""
+def _calibration_inputs(loaded: LoadedModel, config: ExportConfig, size: int) -> dict[str, torch.Tensor]:
+    """Calibration inputs per tower (images (N, 3, H, W), token ids (N, L)): the training split when the dataset
+    has one. Static QDQ calibrates on the images; dynamic int8 reads either only to smooth activations."""
     from export.inputs import load_inputs
 
     split = "train" if config.data is not None and (Path(config.data) / "train").is_dir() else config.split
-    inputs = load_inputs(config.data, split, config.num_calibration_samples, size, config.seed + 1)
-    return torch.stack([loaded.preprocess(im) for im in inputs.images])  # (N, 3, H, W)
+    inputs = load_inputs(config.data, split, config.num_calibration_samples, size, config.seed + 1,
+                         text_count=config.num_calibration_samples)
+    return {"image": torch.stack([loaded.preprocess(im) for im in inputs.images]),
+            "text": loaded.tokenizer(inputs.texts).to(torch.int32)}
 
 
 def _quantize_tower(tower: _Tower, directory: Path, calibration: torch.Tensor, bound, progress: bool
@@ -283,7 +287,7 @@ def _quantize_tower(tower: _Tower, directory: Path, calibration: torch.Tensor, b
 
     fp32_path, int8_path = directory / tower.onnx_name, directory / tower.int8_name
     method = quantization_method(fp32_path, tower.name)
-    batches = [x[None] for x in calibration.numpy()] if method == "static_qdq" else None
+    batches = [x[None] for x in calibration.numpy()]  # (1, ...) each
 
     def min_cosine_of(path: Path) -> float:
         metrics = _onnx_metrics(onnx_session(path), tower, run_onnx)
@@ -295,8 +299,10 @@ def _quantize_tower(tower: _Tower, directory: Path, calibration: torch.Tensor, b
     metrics = _onnx_metrics(session, tower, run_onnx)
     check_parity(tower.int8_name, metrics, bound)
     return _file_entry(int8_path, tower, "int8", metrics, session, method=method,
-                       calibration_samples=len(calibration) if batches else 0, per_channel=outcome["per_channel"],
-                       float32_nodes=outcome["excluded_nodes"], fused_attention=outcome["fused_attention"],
+                       calibration_samples=len(calibration) if method == "static_qdq" or outcome["smoothing_alpha"]
+                       else 0, per_channel=outcome["per_channel"], float32_nodes=outcome["excluded_nodes"],
+                       smoothing_alpha=outcome["smoothing_alpha"], smoothed_activations=outcome["smoothed_activations"],
+                       fused_attention=outcome["fused_attention"],
                        float32_grouped_convs=len(grouped_convs(fp32_path)) if method == "static_qdq" else 0)
 
 

@@ -112,6 +112,11 @@ def export_readme(report: dict[str, Any], preprocess: dict[str, Any], tokenizer:
     for name, count in grouped:
         lines += [f"`{name}` keeps its {count} grouped (depthwise) convolutions, and the ops that feed them, in "
                   "float32: onnxruntime's int8 kernels for them are slower than its float ones on a CPU.", ""]
+    for name, entry in files.items():
+        if entry.get("smoothed_activations"):
+            lines += [f"`{name}` had {entry['smoothed_activations']} activation tensors smoothed before quantization "
+                      f"(SmoothQuant, alpha {entry['smoothing_alpha']}, on {entry['calibration_samples']} calibration "
+                      "inputs): their outlier channels' range moved into the weights; same values in float.", ""]
     if report.get("coreml_note"):
         lines += [report["coreml_note"], ""]
     text_file = "text_encoder.onnx"

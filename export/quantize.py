@@ -1,10 +1,12 @@
 """int8 ONNX towers with onnxruntime's quantization tools.
 
 Transformer towers (every text tower, ViT image towers) get dynamic quantization: int8 weights, activations
-quantized per batch at run time, which needs no calibration and suits MatMul-heavy graphs; their self-attention is
-first fused into onnxruntime's `Attention` op, which quantizes to one `QAttention` kernel. Convolutional towers
-(MobileCLIP's MCi / FastViT) get static QDQ quantization: int8 weights per channel and activation ranges
-calibrated on real images, the format mobile runtimes (NNAPI, XNNPACK, CoreML's ONNX importers) accelerate.
+quantized per batch at run time, which suits MatMul-heavy graphs; their self-attention is first fused into
+onnxruntime's `Attention` op, which quantizes to one `QAttention` kernel. They read calibration inputs only when
+plain int8 misses the bound: their activation ranges drive SmoothQuant's rescaling (`export.smoothing`).
+Convolutional towers (MobileCLIP's MCi / FastViT) get static QDQ quantization: int8 weights per channel and
+activation ranges calibrated on real images, the format mobile runtimes (NNAPI, XNNPACK, CoreML's ONNX importers)
+accelerate.
 
 Static QDQ leaves grouped (depthwise) convolutions in float: onnxruntime's int8 kernels for them run about 4.5x
 slower than its float ones on an AVX-512 CPU (MobileCLIP2-S0 at 256 px: 21.3 ms against 4.7 ms for its 44 of them),
@@ -24,6 +26,7 @@ from tqdm import tqdm
 from export.fusion import fuse_attention_file
 from export.onnx_export import count_ops
 from export.parity import FP32_BOUND, ExportError
+from export.smoothing import SMOOTHING_ALPHAS, smooth_activations
 
 __all__ = ["quantization_method", "quantize_onnx", "quantize_within_bound", "weight_nodes", "grouped_convs",
            "float_in_static", "CONV_TOWER_MIN_CONVS"]
@@ -44,8 +47,8 @@ def quantize_onnx(fp32_path: str | Path, int8_path: str | Path, method: str,
                   calibration: Iterable[np.ndarray] | None = None, input_name: str = "image", per_channel: bool = False,
                   nodes_to_quantize: list[str] | None = None, nodes_to_exclude: list[str] | None = None) -> Path:
     """Write the int8 version of `fp32_path`; `calibration` yields (1, ...) input arrays for static QDQ (which is
-    always per channel, and always keeps `float_in_static` nodes float). `nodes_to_quantize` / `nodes_to_exclude`
-    restrict which nodes become int8."""
+    always per channel, and always keeps `float_in_static` nodes float; dynamic quantization does not read it).
+    `nodes_to_quantize` / `nodes_to_exclude` restrict which nodes become int8."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         QuantFormat,
@@ -170,10 +173,13 @@ def quantize_within_bound(fp32_path: str | Path, int8_path: str | Path, method: 
     Dynamic quantization starts from a copy whose self-attention layers are fused into onnxruntime's `Attention`
     op (`export.fusion`; they become `QAttention`), kept only when that copy itself matches eager within the fp32
     cosine bound. Then everything is quantized, per tensor (fastest kernels), then per channel. When both miss the
-    bound (a pretrained BERT-style text tower with outlier weights does), each weight node is quantized alone to
-    measure its sensitivity, and the most sensitive ones are kept in float32, 1, 2, 4, ... of them, until the bound
-    holds: mixed precision instead of no int8 at all. Returns how it ended: `per_channel`, `excluded_nodes`,
-    `min_cosine`, `fused_attention`; raises `ExportError` when even that cannot meet the bound.
+    bound (a pretrained BERT-style text tower with outlier activations does) and `calibration` inputs are given,
+    the activations are smoothed first (`export.smoothing`, each of `SMOOTHING_ALPHAS` in turn) and quantized per
+    channel again. When that misses too, each weight node of the better of the plain and the smoothed graph is
+    quantized alone to measure its sensitivity, and the most sensitive ones are kept in float32, 1, 2, 4, ... of
+    them, until the bound holds: mixed precision instead of no int8 at all. Returns how it ended: `per_channel`,
+    `excluded_nodes`, `min_cosine`, `smoothing_alpha` (None when not smoothed), `smoothed_activations`,
+    `fused_attention`; raises `ExportError` when even that cannot meet the bound.
     """
     fp32_path, int8_path = Path(fp32_path), Path(int8_path)
     calibration = list(calibration) if calibration is not None else None
@@ -209,11 +215,28 @@ def _quantize_to_bound(source: Path, int8_path: Path, method: str, min_cosine_of
                        min_cosine: float, common: dict[str, Any], work: Path, progress: bool) -> dict[str, Any]:
     attempts = [False, True] if method == "dynamic" else [True]
     cosine = float("-inf")
+    plain = {"smoothing_alpha": None, "smoothed_activations": 0}
     for per_channel in attempts:
         quantize_onnx(source, int8_path, method, per_channel=per_channel, **common)
         cosine = min_cosine_of(int8_path)
         if cosine >= min_cosine:
-            return {"per_channel": per_channel, "excluded_nodes": [], "min_cosine": cosine}
+            return {"per_channel": per_channel, "excluded_nodes": [], "min_cosine": cosine, **plain}
+    best = (cosine, source, plain)
+    if method == "dynamic" and common["calibration"]:
+        batch = np.concatenate(common["calibration"])  # (N, ...)
+        for alpha in SMOOTHING_ALPHAS:
+            smoothed_path = work / f"{source.stem}.smoothed{alpha}.onnx"
+            count = smooth_activations(source, smoothed_path, batch, common["input_name"], alpha)
+            if not count:
+                break
+            smoothing = {"smoothing_alpha": alpha, "smoothed_activations": count}
+            quantize_onnx(smoothed_path, int8_path, method, per_channel=True, **common)
+            cosine = min_cosine_of(int8_path)
+            if cosine >= min_cosine:
+                return {"per_channel": True, "excluded_nodes": [], "min_cosine": cosine, **smoothing}
+            if cosine > best[0]:
+                best = (cosine, smoothed_path, smoothing)
+    _, source, smoothing = best
     nodes = weight_nodes(source, method)
     sensitivity = []
     probe = work / "probe.onnx"
@@ -227,7 +250,7 @@ def _quantize_to_bound(source: Path, int8_path: Path, method: str, min_cosine_of
         quantize_onnx(source, int8_path, method, per_channel=True, nodes_to_exclude=excluded, **common)
         cosine = min_cosine_of(int8_path)
         if cosine >= min_cosine:
-            return {"per_channel": True, "excluded_nodes": excluded, "min_cosine": cosine}
+            return {"per_channel": True, "excluded_nodes": excluded, "min_cosine": cosine, **smoothing}
         count *= 2
     int8_path.unlink(missing_ok=True)
     raise ExportError(f"{int8_path.name} misses its parity bound: min cosine {cosine:.6f} < {min_cosine:g} even with "
