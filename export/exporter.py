@@ -84,6 +84,7 @@ def export_model(spec: str, out: str | Path, config: ExportConfig) -> dict[str, 
     _check_out(out, config.overwrite)
     if config.data is not None and not Path(config.data).exists() and not any(c in config.data for c in "{*"):
         raise UserInputError(f"dataset not found: {config.data}")
+    torch.manual_seed(config.seed)  # an architecture without weights gets the same random ones every export
     loaded = load_model(spec)
     return export_loaded_model(loaded, out, config)
 

@@ -38,6 +38,15 @@ def test_every_shipped_student_exports_to_onnx_with_parity(arch, tmp_path):
     assert json.loads((tmp_path / "out" / "export_report.json").read_text()) == report
 
 
+def test_an_architecture_without_weights_exports_the_same_file_every_time(tmp_path):
+    config = ExportConfig(formats=("onnx",), towers=("image",), num_parity_samples=2, progress=False)
+    first, second = (tmp_path / "first", tmp_path / "second")
+    for out in (first, second):
+        torch.manual_seed(len(list(tmp_path.iterdir())))  # whatever the caller's seed, the export sets its own
+        export_model("md-student-tiny", out, config)
+    assert (first / "image_encoder.onnx").read_bytes() == (second / "image_encoder.onnx").read_bytes()
+
+
 def test_fastvit_tower_is_reparameterized_exported_and_int8_static(fastvit_model_dir, tmp_path):
     report = export_model(str(fastvit_model_dir), tmp_path / "out",
                           ExportConfig(formats=("onnx",), quantize="int8", num_parity_samples=2,
