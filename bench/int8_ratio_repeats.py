@@ -44,7 +44,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for (tower, threads), values in sorted(ratios.items()):
         print(f"| {tower} | {threads} | {' '.join(f'{v:.2f}' for v in values)} | {statistics.mean(values):.3f} | "
-              f"{min(values):.2f} | {max(values):.2f} |")
+              f"{min(values):.3f} | {max(values):.3f} |")
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from reinforced_data.augment import (
 )
 from reinforced_data.shards import ImageTextSample, SkipLog, iter_image_text, open_tar_writer, resolve_shards
 from reinforced_data.storage import STORAGE_DTYPES, encode_embeddings
-from teachers.model_dir import write_json_atomic
+from teachers.model_dir import hidden_temporary, write_json_atomic
 
 __all__ = ["ReinforceConfig", "reinforce", "caption_seed", "CONFIG_NAME"]
 
@@ -129,7 +129,7 @@ class _ShardWriter:
 def _process_shard(url: str, out_path: Path, writer: _ShardWriter, bar: tqdm) -> dict[str, Any]:
     """Write one output shard atomically; returns its counts and skipped samples."""
     skips = SkipLog()
-    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
+    tmp = hidden_temporary(out_path)
     written = 0
     samples_per_batch = max(1, writer.config.batch_size // max(1, writer.config.num_augs))
     with open_tar_writer(tmp) as sink:

@@ -22,7 +22,8 @@ import torch
 from safetensors.torch import save_file
 
 __all__ = ["save_model_dir", "write_model_files", "atomic_directory", "read_provenance", "update_provenance",
-           "write_text_atomic", "write_json_atomic", "copy_file_atomic", "PROVENANCE_NAME", "WEIGHTS_NAME"]
+           "write_text_atomic", "write_json_atomic", "copy_file_atomic", "hidden_temporary", "PROVENANCE_NAME",
+           "WEIGHTS_NAME"]
 
 CONFIG_NAME = "open_clip_config.json"
 WEIGHTS_NAME = "open_clip_model.safetensors"
@@ -52,7 +53,7 @@ def atomic_directory(out_dir: str | Path) -> Iterator[Path]:
 
     Readers never see a half-written directory under the final name."""
     out_dir = Path(out_dir)
-    tmp = _hidden_temporary(out_dir)
+    tmp = hidden_temporary(out_dir)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
@@ -75,7 +76,7 @@ def write_model_files(model: torch.nn.Module, model_cfg: dict[str, Any], directo
     directory = Path(directory)
     # safetensors refuses shared storage: clone so tied tensors are saved as plain copies.
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
-    tmp_weights = _hidden_temporary(directory / WEIGHTS_NAME)
+    tmp_weights = hidden_temporary(directory / WEIGHTS_NAME)
     save_file(tensors, str(tmp_weights), metadata={"format": "pt"})
     os.chmod(tmp_weights, 0o644)
     os.replace(tmp_weights, directory / WEIGHTS_NAME)
@@ -91,7 +92,7 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     new one, never a half-written one (a crash leaves only the hidden temporary)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _hidden_temporary(path)
+    tmp = hidden_temporary(path)
     tmp.write_text(text)
     os.replace(tmp, path)
 
@@ -99,12 +100,12 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 def copy_file_atomic(source: str | Path, destination: str | Path) -> None:
     """Copy `source` to `destination` the way `write_text_atomic` writes: readers never see a partial copy."""
     destination = Path(destination)
-    tmp = _hidden_temporary(destination)
+    tmp = hidden_temporary(destination)
     shutil.copyfile(source, tmp)
     os.replace(tmp, destination)
 
 
-def _hidden_temporary(path: Path) -> Path:
+def hidden_temporary(path: Path) -> Path:
     """The hidden sibling a file or directory is written to before its rename (`.NAME.tmp-PID`)."""
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
