@@ -32,6 +32,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from reinforced_data.shards import open_tar_writer
+from teachers.model_dir import hidden_temporary
 
 __all__ = [
     "CAPTION_TEMPLATES",
@@ -543,7 +544,7 @@ def build_emoji_dataset(
             logger.warning("cannot load %s (%s); building without test_noto/", noto_path, e)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    tmp = hidden_temporary(out_dir)
     shutil.rmtree(tmp, ignore_errors=True)  # left by a killed build that had this process id
     tmp.mkdir()
     try:

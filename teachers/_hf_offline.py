@@ -17,6 +17,8 @@ import shutil
 import socket
 from pathlib import Path
 
+from teachers.model_dir import hidden_temporary
+
 __all__ = ["MINILM_HUB_ID", "hub_reachable", "use_offline_mode_if_unreachable", "seed_hf_cache"]
 
 MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
@@ -84,7 +86,7 @@ def seed_hf_cache(hub_id: str = MINILM_HUB_ID) -> bool:
     snapshot = repo_dir / "snapshots" / revision
     if not _snapshot_complete(snapshot):
         # Copies, not links: the package may live in a virtual environment that is later deleted.
-        tmp = repo_dir / "snapshots" / f".{revision}.tmp-{os.getpid()}"
+        tmp = hidden_temporary(snapshot)
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(source, tmp, ignore=shutil.ignore_patterns(".*", "README.md"))
         shutil.rmtree(snapshot, ignore_errors=True)
@@ -93,7 +95,7 @@ def seed_hf_cache(hub_id: str = MINILM_HUB_ID) -> bool:
         except OSError:  # another process seeded it first
             shutil.rmtree(tmp, ignore_errors=True)
     ref.parent.mkdir(parents=True, exist_ok=True)
-    tmp_ref = ref.with_name(f".main.tmp-{os.getpid()}")
+    tmp_ref = hidden_temporary(ref)
     tmp_ref.write_text(revision)
     os.replace(tmp_ref, ref)
     return True
