@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from export.graph import index_graph
+
 __all__ = ["fuse_attention", "fuse_attention_file"]
 
 _HEADS_FIRST, _KEYS_TRANSPOSED = [0, 2, 1, 3], [0, 2, 3, 1]
@@ -39,13 +41,8 @@ def fuse_attention(model) -> int:
     from onnx import helper, numpy_helper
 
     graph = model.graph
-    initializers = {t.name: t for t in graph.initializer}
-    producer = {name: node for node in graph.node for name in node.output}
-    consumers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    graph_outputs = {o.name for o in graph.output}
+    index = index_graph(graph)
+    initializers, producer, consumers, graph_outputs = index.initializers, index.producer, index.readers, index.outputs
 
     def constant(name: str) -> np.ndarray | None:
         return numpy_helper.to_array(initializers[name]) if name in initializers else None

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from export.graph import index_graph
 from export.parity import ExportError
 
 __all__ = ["export_onnx", "sum_before_layer_norm", "check_onnx", "onnx_session", "run_onnx", "count_ops"]
@@ -60,18 +61,14 @@ def sum_before_layer_norm(model) -> int:
     `SkipLayerNormalization` kernel (see the module docstring). Adds of a constant (biases) are left as they are,
     for the fusions that do pay (MatMul + bias into Gemm)."""
     graph = model.graph
-    readers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
-    outputs = {o.name for o in graph.output}
-    constants = {t.name for t in graph.initializer} | {n.output[0] for n in graph.node if n.op_type == "Constant"}
+    index = index_graph(graph)
+    constants = set(index.initializers) | {n.output[0] for n in graph.node if n.op_type == "Constant"}
     changed = 0
     for node in graph.node:
-        if node.op_type != "Add" or node.domain not in ("", "ai.onnx") or node.output[0] in outputs \
+        if node.op_type != "Add" or node.domain not in ("", "ai.onnx") or node.output[0] in index.outputs \
                 or any(name in constants for name in node.input):
             continue
-        users = readers.get(node.output[0], [])
+        users = index.readers.get(node.output[0], [])
         if len(users) == 1 and users[0].op_type == "LayerNormalization" and users[0].input[0] == node.output[0]:
             node.op_type = "Sum"
             changed += 1

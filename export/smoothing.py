@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from export.graph import index_graph
+
 __all__ = ["smooth_activations", "SMOOTHING_ALPHAS"]
 
 # Tried in order when full int8 misses its bound; SmoothQuant's default, then a stronger migration (the paper's
@@ -35,13 +37,8 @@ def smooth_activations(source: str | Path, destination: str | Path, calibration:
 
     model = onnx.load(str(source))
     graph = model.graph
-    initializers = {t.name: t for t in graph.initializer}
-    producer = {name: node for node in graph.node for name in node.output}
-    readers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
-    graph_outputs = {o.name for o in graph.output}
+    index = index_graph(graph)
+    initializers, producer, readers, graph_outputs = index.initializers, index.producer, index.readers, index.outputs
 
     products: dict[str, list] = {}  # activation tensor -> the weight products that read it
     for node in graph.node:
