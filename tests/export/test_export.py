@@ -13,6 +13,7 @@ import torch
 from distill.cli import main
 from export import ExportConfig, ExportError, export_loaded_model, export_model
 from export.coreml import coreml_unavailable_reason
+from export.smoothing import SMOOTHING_ALPHAS
 from teachers import load_model
 from teachers.registry import SHIPPED_ARCHITECTURES
 
@@ -45,6 +46,17 @@ def test_an_architecture_without_weights_exports_the_same_file_every_time(tmp_pa
         torch.manual_seed(len(list(tmp_path.iterdir())))  # whatever the caller's seed, the export sets its own
         export_model("md-student-tiny", out, config)
     assert (first / "image_encoder.onnx").read_bytes() == (second / "image_encoder.onnx").read_bytes()
+
+
+def test_pretrained_bert_text_tower_is_smoothed_to_full_int8(tmp_path):
+    """md-student-minilm's text tower is the pretrained all-MiniLM-L6-v2, whose outlier activations defeat plain
+    int8: the export smooths them on calibration captions and then quantizes every product."""
+    report = export_model("md-student-minilm", tmp_path / "out", ExportConfig(
+        formats=("onnx",), towers=("text",), quantize="int8", num_parity_samples=8, progress=False))
+    entry = report["files"]["text_encoder.int8.onnx"]
+    assert entry["smoothing_alpha"] in SMOOTHING_ALPHAS and entry["smoothed_activations"] > 0
+    assert entry["float32_nodes"] == [] and entry["min_cosine"] >= 0.99 and entry["calibration_samples"] > 0
+    assert "smoothed before quantization" in (tmp_path / "out" / "README.md").read_text()
 
 
 def test_fastvit_tower_is_reparameterized_exported_and_int8_static(fastvit_model_dir, tmp_path):
