@@ -45,10 +45,13 @@ def quantization_method(onnx_path: str | Path, tower: str) -> str:
 
 def quantize_onnx(fp32_path: str | Path, int8_path: str | Path, method: str,
                   calibration: Iterable[np.ndarray] | None = None, input_name: str = "image", per_channel: bool = False,
-                  nodes_to_quantize: list[str] | None = None, nodes_to_exclude: list[str] | None = None) -> Path:
+                  nodes_to_quantize: list[str] | None = None, nodes_to_exclude: list[str] | None = None,
+                  cache_dir: str | Path | None = None) -> Path:
     """Write the int8 version of `fp32_path`; `calibration` yields (1, ...) input arrays for static QDQ (which is
     always per channel, and always keeps `float_in_static` nodes float; dynamic quantization does not read it).
-    `nodes_to_quantize` / `nodes_to_exclude` restrict which nodes become int8."""
+    `nodes_to_quantize` / `nodes_to_exclude` restrict which nodes become int8. With `cache_dir`, static QDQ keeps
+    the pre-processed graph and the calibrated activation ranges there, so that later calls on the same file with
+    other node selections (the sensitivity search) neither pre-process nor calibrate again."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         QuantFormat,
@@ -78,14 +81,16 @@ def quantize_onnx(fp32_path: str | Path, int8_path: str | Path, method: str,
                     return None if batch is None else {input_name: batch}
 
             with tempfile.TemporaryDirectory(dir=int8_path.parent) as work:
-                # Shape inference and graph cleanup first, as onnxruntime recommends; symbolic shape inference
-                # stops at the exporter's dynamic Expand nodes, onnx's own inference is enough here.
-                prepared = Path(work) / "prepared.onnx"
-                quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+                store = Path(cache_dir) if cache_dir is not None else Path(work)
+                prepared = store / f"{fp32_path.stem}.prepared.onnx"
+                if not prepared.is_file():
+                    # Shape inference and graph cleanup first, as onnxruntime recommends; symbolic shape inference
+                    # stops at the exporter's dynamic Expand nodes, onnx's own inference is enough here.
+                    quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
                 selection["nodes_to_exclude"] = list(nodes_to_exclude or []) + float_in_static(prepared)
                 quantize_static(str(prepared), str(int8_path), _Reader(), quant_format=QuantFormat.QDQ,
                                 per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                                **selection)
+                                calibration_cache_path=str(store / f"{fp32_path.stem}.ranges.json"), **selection)
             _grouped_convs_read_float(int8_path)
         else:
             raise ValueError(f"unknown quantization method {method!r}")
@@ -183,9 +188,9 @@ def quantize_within_bound(fp32_path: str | Path, int8_path: str | Path, method: 
     """
     fp32_path, int8_path = Path(fp32_path), Path(int8_path)
     calibration = list(calibration) if calibration is not None else None
-    common = {"calibration": calibration, "input_name": input_name}
     with tempfile.TemporaryDirectory(dir=int8_path.parent) as work:
         work = Path(work)
+        common = {"calibration": calibration, "input_name": input_name, "cache_dir": work}
         fused = _fused_copy(fp32_path, work / "fused.onnx", min_cosine_of) if method == "dynamic" else 0
         if fused:
             try:

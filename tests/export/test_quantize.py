@@ -1,8 +1,9 @@
 """int8 quantization: the method per tower kind, and the mixed-precision fallback when full int8 misses the bound."""
 
+import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto
+from onnx import TensorProto, helper, numpy_helper
 
 from export import ExportError
 from export.quantize import quantization_method, quantize_onnx, quantize_within_bound, weight_nodes
@@ -36,14 +37,12 @@ def test_most_sensitive_nodes_stay_float_until_the_bound_holds(student_export, t
     assert not (tmp_path / "never.int8.onnx").exists()
 
 
-def test_static_quantization_leaves_grouped_convolutions_float(tmp_path):
-    import numpy as np
-    from onnx import helper, numpy_helper
-
+def _conv_block(path):
+    """A MobileCLIP-like block: a residual add in front of a depthwise convolution."""
     rng = np.random.default_rng(0)
     weights = {"dense_w": rng.standard_normal((8, 8, 1, 1)), "depthwise_w": rng.standard_normal((8, 1, 3, 3)),
                "out_w": rng.standard_normal((8, 8, 1, 1))}
-    graph = helper.make_graph(  # a MobileCLIP-like block: a residual add in front of a depthwise convolution
+    graph = helper.make_graph(
         [helper.make_node("Conv", ["image", "dense_w"], ["a"], name="dense"),
          helper.make_node("Add", ["a", "image"], ["r"], name="residual"),
          helper.make_node("Conv", ["r", "depthwise_w"], ["b"], name="depthwise", group=8, pads=[1, 1, 1, 1]),
@@ -52,10 +51,19 @@ def test_static_quantization_leaves_grouped_convolutions_float(tmp_path):
         "convs", [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 8, 6, 6])],
         [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 8, 6, 6])],
         [numpy_helper.from_array(w.astype(np.float32), name) for name, w in weights.items()])
-    fp32 = tmp_path / "convs.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(fp32))
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def _calibration(scale: float = 1.0) -> list[np.ndarray]:
+    rng = np.random.default_rng(1)
+    return [scale * rng.standard_normal((1, 8, 6, 6)).astype(np.float32) for _ in range(4)]
+
+
+def test_static_quantization_leaves_grouped_convolutions_float(tmp_path):
+    fp32 = _conv_block(tmp_path / "convs.onnx")
     assert weight_nodes(fp32, "static_qdq") == ["dense", "out"]
-    calibration = [rng.standard_normal((1, 8, 6, 6)).astype(np.float32) for _ in range(4)]
+    calibration = _calibration()
     int8 = onnx.load(str(quantize_onnx(fp32, tmp_path / "convs.int8.onnx", "static_qdq", calibration)))
     producer = {name: node.op_type for node in int8.graph.node for name in node.output}
     convs = {node.name: node for node in int8.graph.node if node.op_type == "Conv"}
@@ -71,3 +79,22 @@ def test_static_quantization_leaves_grouped_convolutions_float(tmp_path):
     ref, out = (ort.InferenceSession(str(path)).run(None, {"image": x})[0].ravel()
                 for path in (fp32, tmp_path / "convs.int8.onnx"))
     assert out @ ref / (np.linalg.norm(out) * np.linalg.norm(ref)) > 0.99
+
+
+def test_static_probes_reuse_the_calibrated_ranges(tmp_path):
+    """The sensitivity search quantizes the same file once per weight node: with a cache directory the graph is
+    pre-processed and calibrated once, and later calls read those ranges whatever calibration they are given."""
+    fp32 = _conv_block(tmp_path / "convs.onnx")
+
+    def input_scale(path) -> float:
+        graph = onnx.load(str(path)).graph
+        dequantize = next(n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0].startswith("image"))
+        return float(numpy_helper.to_array(next(t for t in graph.initializer if t.name == dequantize.input[1])))
+
+    first = quantize_onnx(fp32, tmp_path / "first.onnx", "static_qdq", _calibration(), cache_dir=tmp_path)
+    assert sorted(p.name for p in tmp_path.glob("convs.*")) == ["convs.onnx", "convs.prepared.onnx",
+                                                                 "convs.ranges.json"]
+    probe = quantize_onnx(fp32, tmp_path / "probe.onnx", "static_qdq", _calibration(100.0), cache_dir=tmp_path,
+                          nodes_to_quantize=["dense"])
+    fresh = quantize_onnx(fp32, tmp_path / "fresh.onnx", "static_qdq", _calibration(100.0))
+    assert input_scale(probe) == input_scale(first) != input_scale(fresh)
