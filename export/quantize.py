@@ -26,7 +26,7 @@ from tqdm import tqdm
 from export.fusion import fuse_attention_file
 from export.onnx_export import count_ops
 from export.parity import FP32_BOUND, ExportError
-from export.smoothing import SMOOTHING_ALPHAS, smooth_activations
+from export.smoothing import SMOOTHING_ALPHAS, activation_ranges, smooth_activations
 
 __all__ = ["quantization_method", "quantize_onnx", "quantize_within_bound", "weight_nodes", "grouped_convs",
            "float_in_static", "CONV_TOWER_MIN_CONVS"]
@@ -228,10 +228,10 @@ def _quantize_to_bound(source: Path, int8_path: Path, method: str, min_cosine_of
             return {"per_channel": per_channel, "excluded_nodes": [], "min_cosine": cosine, **plain}
     best = (cosine, source, plain)
     if method == "dynamic" and common["calibration"]:
-        batch = np.concatenate(common["calibration"])  # (N, ...)
+        ranges = activation_ranges(source, np.concatenate(common["calibration"]), common["input_name"])
         for alpha in SMOOTHING_ALPHAS:
             smoothed_path = work / f"{source.stem}.smoothed{alpha}.onnx"
-            count = smooth_activations(source, smoothed_path, batch, common["input_name"], alpha)
+            count = smooth_activations(source, smoothed_path, ranges, alpha)
             if not count:
                 break
             smoothing = {"smoothing_alpha": alpha, "smoothed_activations": count}

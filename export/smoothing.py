@@ -21,17 +21,28 @@ import numpy as np
 
 from export.graph import index_graph
 
-__all__ = ["smooth_activations", "SMOOTHING_ALPHAS"]
+__all__ = ["activation_ranges", "smooth_activations", "SMOOTHING_ALPHAS"]
 
 # Tried in order when full int8 misses its bound; SmoothQuant's default, then a stronger migration (the paper's
 # choice for models with larger outliers).
 SMOOTHING_ALPHAS = (0.5, 0.75)
 
 
-def smooth_activations(source: str | Path, destination: str | Path, calibration: np.ndarray, input_name: str,
+def activation_ranges(source: str | Path, calibration: np.ndarray, input_name: str) -> dict[str, np.ndarray]:
+    """Per-channel (last axis) max |value| of every activation tensor that a weight product of the ONNX file
+    `source` reads, over `calibration`, a batch of real inputs (N, ...) for the graph input `input_name`. Measured
+    once; `smooth_activations` takes them for each alpha."""
+    import onnx
+
+    model = onnx.load(str(source))
+    products = _weight_products(model.graph, index_graph(model.graph))
+    return _channel_absmax(model, list(products), calibration, input_name) if products else {}
+
+
+def smooth_activations(source: str | Path, destination: str | Path, ranges: dict[str, np.ndarray],
                        alpha: float) -> int:
     """Write the smoothed copy of the ONNX file `source` to `destination`; returns how many activation tensors
-    were smoothed. `calibration` is a batch of real inputs (N, ...) for the graph input `input_name`."""
+    were smoothed. `ranges` are `activation_ranges` of the same file."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -39,23 +50,15 @@ def smooth_activations(source: str | Path, destination: str | Path, calibration:
     graph = model.graph
     index = index_graph(graph)
     initializers, producer, readers, graph_outputs = index.initializers, index.producer, index.readers, index.outputs
-
-    products: dict[str, list] = {}  # activation tensor -> the weight products that read it
-    for node in graph.node:
-        is_product = node.op_type == "MatMul" or (node.op_type == "Attention" and node.domain == "com.microsoft")
-        if (is_product and len(node.input) > 1 and node.input[0] not in initializers
-                and node.input[1] in initializers and len(initializers[node.input[1]].dims) == 2
-                and len(readers[node.input[1]]) == 1):  # a weight read by this product alone
-            products.setdefault(node.input[0], []).append(node)
+    products = _weight_products(graph, index)
     if not products:
         return 0
-    amax = _channel_absmax(model, list(products), calibration, input_name)
 
     smoothed = 0
     for name, users in products.items():
         weights = [numpy_helper.to_array(initializers[u.input[1]]) for u in users]  # (K, N) each
         weight_max = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)  # (K,)
-        activation_max = amax[name]
+        activation_max = ranges[name]
         usable = (activation_max > 0) & (weight_max > 0)
         scale = np.ones_like(activation_max)
         scale[usable] = activation_max[usable] ** alpha / weight_max[usable] ** (1 - alpha)
@@ -64,11 +67,9 @@ def smooth_activations(source: str | Path, destination: str | Path, calibration:
             initializers[user.input[1]].CopyFrom(numpy_helper.from_array(weight * scale[:, None], user.input[1]))
         norm = producer.get(name)
         if _foldable_norm(norm, name, users, readers, initializers, graph_outputs):
-            for index in (1, 2)[: len(norm.input) - 1]:
-                if norm.input[index]:
-                    value = numpy_helper.to_array(initializers[norm.input[index]])
-                    initializers[norm.input[index]].CopyFrom(
-                        numpy_helper.from_array(value / scale, norm.input[index]))
+            for constant in [n for n in norm.input[1:3] if n]:  # scale, and bias when it has one
+                value = numpy_helper.to_array(initializers[constant])
+                initializers[constant].CopyFrom(numpy_helper.from_array(value / scale, constant))
         else:
             factor, out = f"{name}_smoothing", f"{name}_smoothed"
             graph.initializer.append(numpy_helper.from_array(1 / scale, factor))
@@ -79,6 +80,20 @@ def smooth_activations(source: str | Path, destination: str | Path, calibration:
         smoothed += 1
     onnx.save(model, str(destination))
     return smoothed
+
+
+def _weight_products(graph, index) -> dict[str, list]:
+    """Activation tensor -> the weight products that read it (MatMul, contrib Attention) whose 2-D weight no
+    other node reads."""
+    initializers, readers = index.initializers, index.readers
+    products: dict[str, list] = {}
+    for node in graph.node:
+        is_product = node.op_type == "MatMul" or (node.op_type == "Attention" and node.domain == "com.microsoft")
+        if (is_product and len(node.input) > 1 and node.input[0] not in initializers
+                and node.input[1] in initializers and len(initializers[node.input[1]].dims) == 2
+                and len(readers[node.input[1]]) == 1):
+            products.setdefault(node.input[0], []).append(node)
+    return products
 
 
 def _foldable_norm(norm, name: str, users: list, readers: dict, initializers: dict, graph_outputs: set) -> bool:

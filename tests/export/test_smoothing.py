@@ -9,7 +9,7 @@ from onnx import TensorProto, helper, numpy_helper
 from export import ExportError
 from export.onnx_export import onnx_session
 from export.quantize import quantize_onnx, quantize_within_bound
-from export.smoothing import smooth_activations
+from export.smoothing import activation_ranges, smooth_activations
 
 WIDTH, OUTLIERS = 64, [5, 40]
 
@@ -53,7 +53,8 @@ def _min_cosine(path, reference_path, x) -> float:
 def test_smoothing_folds_into_the_norm_and_keeps_the_values(tmp_path):
     fp32 = _outlier_model(tmp_path / "fp32.onnx", residual=False)
     x = _inputs(16, 1)
-    assert smooth_activations(fp32, tmp_path / "smoothed.onnx", _inputs(32, 2), "x", alpha=0.5) == 1  # h, shared
+    ranges = activation_ranges(fp32, _inputs(32, 2), "x")
+    assert smooth_activations(fp32, tmp_path / "smoothed.onnx", ranges, alpha=0.5) == 1  # h, shared
     smoothed = onnx.load(str(tmp_path / "smoothed.onnx"))
     assert [n.op_type for n in smoothed.graph.node] == [n.op_type for n in onnx.load(str(fp32)).graph.node]
     gamma = numpy_helper.to_array(next(t for t in smoothed.graph.initializer if t.name == "gamma"))
@@ -65,7 +66,8 @@ def test_smoothing_folds_into_the_norm_and_keeps_the_values(tmp_path):
 
 def test_a_norm_output_with_other_readers_gets_a_mul(tmp_path):
     fp32 = _outlier_model(tmp_path / "fp32.onnx", residual=True)
-    assert smooth_activations(fp32, tmp_path / "smoothed.onnx", _inputs(32, 2), "x", alpha=0.5) == 1
+    ranges = activation_ranges(fp32, _inputs(32, 2), "x")
+    assert smooth_activations(fp32, tmp_path / "smoothed.onnx", ranges, alpha=0.5) == 1
     graph = onnx.load(str(tmp_path / "smoothed.onnx")).graph
     mul = next(n for n in graph.node if n.op_type == "Mul")
     readers = [n.name for n in graph.node if mul.output[0] in n.input]
@@ -80,7 +82,7 @@ def test_smoothing_rescues_int8_where_outliers_defeat_it(tmp_path):
     fp32 = _outlier_model(tmp_path / "fp32.onnx", residual=False)
     x = _inputs(16, 1)
     plain = _min_cosine(quantize_onnx(fp32, tmp_path / "plain.int8.onnx", "dynamic", per_channel=True), fp32, x)
-    smooth_activations(fp32, tmp_path / "smoothed.onnx", _inputs(32, 2), "x", alpha=0.5)
+    smooth_activations(fp32, tmp_path / "smoothed.onnx", activation_ranges(fp32, _inputs(32, 2), "x"), alpha=0.5)
     smoothed = _min_cosine(quantize_onnx(tmp_path / "smoothed.onnx", tmp_path / "smoothed.int8.onnx", "dynamic",
                                          per_channel=True), fp32, x)
     assert plain < 0.99 < smoothed
