@@ -5,6 +5,6 @@ with plain open_clip afterwards.
 """
 
 import teachers  # noqa: F401  (registers the shipped architectures with open_clip)
-from distill.errors import UserInputError
+from mdcore.errors import UserInputError
 
 __all__ = ["UserInputError"]

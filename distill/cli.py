@@ -12,7 +12,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from distill.errors import UserInputError
+from mdcore.errors import UserInputError
 
 __all__ = ["main", "build_parser"]
 
@@ -24,7 +24,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _write_json(result: dict, path: str | None) -> None:
     if path:
-        from teachers.model_dir import write_json_atomic
+        from mdcore.atomic import write_json_atomic
 
         write_json_atomic(path, result)
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from distill.errors import UserInputError
+from mdcore.errors import UserInputError
 from reinforced_data.shards import SkipLog, iter_image_text, read_lines, resolve_shards
 from teachers.specs import LoadedModel
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from distill.errors import UserInputError
+from mdcore.errors import UserInputError
 
 __all__ = ["InheritanceReport", "inherit_weights", "layer_map"]
 

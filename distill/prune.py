@@ -46,7 +46,7 @@ import open_clip
 import torch
 from torch import nn
 
-from distill.errors import UserInputError
+from mdcore.errors import UserInputError
 from teachers.pruned import VariableWidthBlock
 
 __all__ = ["BETA", "LIMIT_LEFT", "LIMIT_RIGHT", "sample_hard_concrete", "keep_probability", "MaskedLayerNorm",

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from distill.errors import UserInputError
+from mdcore.errors import UserInputError
 
 __all__ = ["QuickstartConfig", "quickstart", "format_summary"]
 
@@ -95,9 +95,9 @@ def quickstart(out_dir: str | Path, config: QuickstartConfig | None = None, prog
     from distill.evaluate import evaluate_model, load_eval_data
     from distill.recipe import DistillConfig, LossWeights
     from distill.train import distill
+    from mdcore.atomic import write_json_atomic
     from reinforced_data import ReinforceConfig, reinforce
     from reinforced_data.emoji import build_emoji_dataset
-    from teachers.model_dir import write_json_atomic
     from teachers.specs import load_model
     from teachers.train import TeacherTrainConfig, train_teacher
 
@@ -304,7 +304,7 @@ def _write_outputs(out: Path, summary: dict[str, Any]) -> None:
     import html
 
     from export.report import render_report
-    from teachers.model_dir import write_json_atomic, write_text_atomic
+    from mdcore.atomic import write_json_atomic, write_text_atomic
 
     rows = [{**r, "path": r["model_dir"], "text_latency_ms": None,
              "latency_source": "onnxruntime fp32, 1 thread (quickstart)"} for r in summary["rows"]]

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from distill.errors import UserInputError
+from mdcore.errors import UserInputError
 
 __all__ = ["LossWeights", "PruneConfig", "DistillConfig", "load_recipe", "apply_overrides", "stage_config"]
 

@@ -21,10 +21,11 @@ from typing import Any
 
 import yaml
 
-from distill.errors import UserInputError
 from distill.recipe import DistillConfig, PruneConfig, stage_config
 from distill.train import distill
-from teachers.model_dir import CONFIG_NAME, PROVENANCE_NAME, copy_file_atomic, read_provenance, write_json_atomic
+from mdcore.atomic import copy_file_atomic, write_json_atomic
+from mdcore.errors import UserInputError
+from teachers.model_dir import CONFIG_NAME, PROVENANCE_NAME, read_provenance
 
 __all__ = ["is_staged", "run_stages"]
 

@@ -28,11 +28,12 @@ import yaml
 from torch import nn
 from tqdm import tqdm
 
-from distill.errors import UserInputError
 from distill.inherit import inherit_weights
 from distill.losses import affinity_mimicking_loss, clip_loss, ensemble_kd_loss, feature_distillation_loss
 from distill.prune import attach_masks, counted_parameters, prune_model, source_pruning, tower_parameter_count
 from distill.recipe import DistillConfig
+from mdcore.atomic import write_json_atomic
+from mdcore.errors import UserInputError
 from reinforced_data.augment import (
     AugmentationConfig,
     augmentation_generator,
@@ -41,7 +42,7 @@ from reinforced_data.augment import (
 )
 from reinforced_data.reader import index_images, open_reinforced, read_info
 from reinforced_data.shards import IMAGE_EXTENSIONS, decode_sample, iter_raw_samples, resolve_shards
-from teachers.model_dir import write_json_atomic, write_model_files
+from teachers.model_dir import write_model_files
 from teachers.specs import load_model
 from teachers.train import (
     LockedTextCache,

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from distill.errors import UserInputError
+from mdcore.errors import UserInputError
 
 __all__ = ["BenchConfig", "bench_export", "bench_image_input", "bench_text_input", "time_call", "format_bench_table",
            "COREML_ELSEWHERE"]

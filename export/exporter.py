@@ -22,7 +22,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from distill.errors import UserInputError
 from export.parity import FP16_BOUND, FP32_BOUND, INT8_BOUND, ParityBound, check_parity, compare_embeddings
 from export.towers import (
     IMAGE_INPUT,
@@ -33,7 +32,8 @@ from export.towers import (
     TextEncoder,
     prepare_for_export,
 )
-from teachers.model_dir import atomic_directory, write_json_atomic
+from mdcore.atomic import atomic_directory, write_json_atomic
+from mdcore.errors import UserInputError
 from teachers.specs import LoadedModel
 
 __all__ = ["ExportConfig", "export_model", "export_loaded_model", "FORMATS", "REPORT_NAME"]

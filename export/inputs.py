@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from distill.errors import UserInputError
+from mdcore.errors import UserInputError
 
 __all__ = ["InputSet", "load_inputs", "generated_images", "DEFAULT_TEXTS"]
 

@@ -21,6 +21,7 @@ import torch
 
 from export.graph import index_graph
 from export.parity import ExportError
+from mdcore.errors import first_line
 
 __all__ = ["export_onnx", "sum_before_layer_norm", "check_onnx", "onnx_session", "run_onnx", "count_ops"]
 
@@ -45,7 +46,7 @@ def export_onnx(module: torch.nn.Module, example: torch.Tensor, path: str | Path
                               external_data=False, verbose=False)
     except Exception as e:  # the exporter raises many types; all mean "this architecture does not export"
         op = _failing_operator(e)
-        reason = f"operator {op} has no ONNX conversion" if op else _first_line(e)
+        reason = f"operator {op} has no ONNX conversion" if op else first_line(e)
         raise ExportError(f"cannot export the {tower} tower to ONNX: {reason}") from e
     model = onnx.load(str(path))
     if sum_before_layer_norm(model):
@@ -88,18 +89,13 @@ def _failing_operator(error: BaseException) -> str | None:
     return None
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip() or type(error).__name__
-    return re.sub(r"\x1b\[[0-9;]*m", "", text.splitlines()[0])
-
-
 def check_onnx(path: str | Path) -> None:
     import onnx
 
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as e:
-        raise ExportError(f"{Path(path).name} fails onnx.checker: {_first_line(e)}") from e
+        raise ExportError(f"{Path(path).name} fails onnx.checker: {first_line(e)}") from e
 
 
 def onnx_session(path: str | Path, threads: int | None = None):

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from distill.errors import UserInputError
+from mdcore.errors import UserInputError
 
 __all__ = ["ExportError", "ParityBound", "compare_embeddings", "check_parity", "FP32_BOUND", "INT8_BOUND",
            "FP16_BOUND"]

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from distill.errors import UserInputError
-from teachers.model_dir import write_text_atomic
+from mdcore.atomic import write_text_atomic
+from mdcore.errors import UserInputError
 
 __all__ = ["summarize_run", "write_report", "render_report", "pareto_front", "parameter_counts", "BENCH_LOCATIONS"]
 

@@ -31,8 +31,8 @@ import webdataset as wds
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
+from mdcore.atomic import hidden_temporary
 from reinforced_data.shards import open_tar_writer
-from teachers.model_dir import hidden_temporary
 
 __all__ = [
     "CAPTION_TEMPLATES",

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torchvision.transforms.functional as TF
 
-from distill.errors import UserInputError
+from mdcore.errors import UserInputError
 from reinforced_data.augment import replay_augmentation
 from reinforced_data.reader import ReinforcedInfo, open_reinforced, read_info
 

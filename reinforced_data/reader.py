@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from distill.errors import UserInputError
+from mdcore.errors import UserInputError
 from reinforced_data.augment import AugmentationConfig
 from reinforced_data.shards import IMAGE_EXTENSIONS, SkipLog, decode_sample, iter_raw_samples, resolve_shards
 from reinforced_data.storage import decode_embeddings

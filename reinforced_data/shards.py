@@ -23,7 +23,7 @@ import PIL.Image
 import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-from distill.errors import UserInputError
+from mdcore.errors import UserInputError
 
 __all__ = [
     "IMAGE_EXTENSIONS",

@@ -24,7 +24,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from distill.errors import UserInputError
+from mdcore.atomic import hidden_temporary, write_json_atomic
+from mdcore.errors import UserInputError
 from reinforced_data.augment import (
     AugmentationConfig,
     augmentation_generator,
@@ -33,7 +34,6 @@ from reinforced_data.augment import (
 )
 from reinforced_data.shards import ImageTextSample, SkipLog, iter_image_text, open_tar_writer, resolve_shards
 from reinforced_data.storage import STORAGE_DTYPES, encode_embeddings
-from teachers.model_dir import hidden_temporary, write_json_atomic
 
 __all__ = ["ReinforceConfig", "reinforce", "caption_seed", "CONFIG_NAME"]
 

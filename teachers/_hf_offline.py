@@ -17,7 +17,7 @@ import shutil
 import socket
 from pathlib import Path
 
-from teachers.model_dir import hidden_temporary
+from mdcore.atomic import hidden_temporary
 
 __all__ = ["MINILM_HUB_ID", "hub_reachable", "use_offline_mode_if_unreachable", "seed_hf_cache"]
 

@@ -13,7 +13,7 @@ import PIL.Image
 import torch
 from torch import nn
 
-from distill.errors import UserInputError
+from mdcore.errors import UserInputError
 from teachers.specs import LoadedModel, ModelSpec, load_model
 
 __all__ = ["Captioner", "load_captioner"]

@@ -9,11 +9,8 @@
 built under a temporary name and renamed when complete, so a crash never leaves something that looks finished.
 """
 
-import contextlib
 import json
 import os
-import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +18,10 @@ import open_clip
 import torch
 from safetensors.torch import save_file
 
-__all__ = ["save_model_dir", "write_model_files", "atomic_directory", "read_provenance", "update_provenance",
-           "write_text_atomic", "write_json_atomic", "copy_file_atomic", "hidden_temporary", "PROVENANCE_NAME",
-           "WEIGHTS_NAME"]
+from mdcore.atomic import atomic_directory, hidden_temporary, write_json_atomic
+
+__all__ = ["save_model_dir", "write_model_files", "read_provenance", "update_provenance", "CONFIG_NAME",
+           "PROVENANCE_NAME", "WEIGHTS_NAME"]
 
 CONFIG_NAME = "open_clip_config.json"
 WEIGHTS_NAME = "open_clip_model.safetensors"
@@ -47,25 +45,6 @@ def save_model_dir(
     return out_dir
 
 
-@contextlib.contextmanager
-def atomic_directory(out_dir: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling of `out_dir` to fill; on success it replaces `out_dir`, on any error it is removed.
-
-    Readers never see a half-written directory under the final name."""
-    out_dir = Path(out_dir)
-    tmp = hidden_temporary(out_dir)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def write_model_files(model: torch.nn.Module, model_cfg: dict[str, Any], directory: str | Path, tokenizer: Any = None,
                       provenance: dict[str, Any] | None = None) -> None:
     """Write the model files into an existing directory, each atomically, `open_clip_config.json` last.
@@ -85,34 +64,6 @@ def write_model_files(model: torch.nn.Module, model_cfg: dict[str, Any], directo
     write_json_atomic(directory / PROVENANCE_NAME, provenance or {})
     preprocess_cfg = dict(open_clip.get_model_preprocess_cfg(model))
     write_json_atomic(directory / CONFIG_NAME, {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg})
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write `text` to `path` through a hidden temporary file and a rename: readers see the old file or the whole
-    new one, never a half-written one (a crash leaves only the hidden temporary)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = hidden_temporary(path)
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def copy_file_atomic(source: str | Path, destination: str | Path) -> None:
-    """Copy `source` to `destination` the way `write_text_atomic` writes: readers never see a partial copy."""
-    destination = Path(destination)
-    tmp = hidden_temporary(destination)
-    shutil.copyfile(source, tmp)
-    os.replace(tmp, destination)
-
-
-def hidden_temporary(path: Path) -> Path:
-    """The hidden sibling a file or directory is written to before its rename (`.NAME.tmp-PID`)."""
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
-def write_json_atomic(path: str | Path, data: Any) -> None:
-    """`data` as indented JSON, written with `write_text_atomic` (values JSON lacks are written as strings)."""
-    write_text_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def read_provenance(model_dir: str | Path) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from typing import Any
 import open_clip
 import torch
 
-from distill.errors import UserInputError
+from mdcore.errors import UserInputError, first_line
 from teachers._hf_offline import seed_hf_cache, use_offline_mode_if_unreachable
 
 __all__ = ["ModelSpec", "LoadedModel", "parse_model_spec", "load_model", "model_config_of"]
@@ -172,7 +172,7 @@ def load_model(
             raise UserInputError(
                 f"cannot load {spec}: its files are not in the local cache and no network is reachable"
             ) from e
-        raise UserInputError(f"cannot load {spec}: {_first_line(e)}") from e
+        raise UserInputError(f"cannot load {spec}: {first_line(e)}") from e
     if spec.kind == "arch":
         _initialize_multimodal_decoder(model)
     return LoadedModel(model, preprocess, preprocess_train, tokenizer, spec, model_cfg)
@@ -212,7 +212,7 @@ def _read_local_dir_config(directory: Path) -> dict[str, Any]:
     try:
         config = json.loads(config_path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserInputError(f"{config_path} is not valid JSON: {_first_line(e)}") from e
+        raise UserInputError(f"{config_path} is not valid JSON: {first_line(e)}") from e
     if not isinstance(config, dict) or not isinstance(config.get("model_cfg"), dict):
         raise UserInputError(f"{config_path} has no 'model_cfg'")
     return config
@@ -220,11 +220,6 @@ def _read_local_dir_config(directory: Path) -> dict[str, Any]:
 
 def _weights_in(directory: Path) -> bool:
     return any(any(directory.glob(pattern)) for pattern in ("*.safetensors", "*.bin", "*.pth"))
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0]
 
 
 logging.getLogger("open_clip").setLevel(logging.WARNING)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from distill.errors import UserInputError
+from mdcore.errors import UserInputError
 from reinforced_data.shards import SkipLog, iter_image_text, resolve_shards
 from teachers.model_dir import save_model_dir
 from teachers.specs import LoadedModel, load_model

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 import teachers  # noqa: F401  (registers the shipped architectures)
-from distill.errors import UserInputError
 from distill.inherit import inherit_weights, layer_map
+from mdcore.errors import UserInputError
 
 
 def test_layer_map_is_evenly_spaced():

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 import teachers  # noqa: F401  (registers the shipped architectures and the variable-width towers)
-from distill.errors import UserInputError
 from distill.prune import (
     attach_masks,
     counted_parameters,
@@ -20,6 +19,7 @@ from distill.prune import (
 from distill.recipe import load_recipe
 from distill.stages import run_stages
 from distill.train import distill
+from mdcore.errors import UserInputError
 from reinforced_data.augment import AugmentationConfig
 from reinforced_data.writer import ReinforceConfig, reinforce
 from teachers.model_dir import save_model_dir

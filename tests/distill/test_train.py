@@ -9,9 +9,9 @@ import open_clip
 import pytest
 import torch
 
-from distill.errors import UserInputError
 from distill.recipe import DistillConfig, load_recipe
 from distill.train import distill
+from mdcore.errors import UserInputError
 from reinforced_data.augment import AugmentationConfig
 from reinforced_data.writer import ReinforceConfig, reinforce
 from tests.conftest import write_shapes_root

@@ -13,8 +13,8 @@ import pytest
 import torch
 import webdataset as wds
 
-from distill.errors import UserInputError
 from distill.losses import ensemble_kd_loss
+from mdcore.errors import UserInputError
 from reinforced_data.augment import AugmentationConfig, replay_augmentation
 from reinforced_data.reader import open_reinforced, read_info
 from reinforced_data.storage import decode_embeddings, encode_embeddings

@@ -2,7 +2,7 @@ import tarfile
 
 import pytest
 
-from distill.errors import UserInputError
+from mdcore.errors import UserInputError
 from reinforced_data.shards import SkipLog, iter_image_text, resolve_shards
 
 

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from distill.errors import UserInputError
+from mdcore.errors import UserInputError
 from teachers.specs import ModelSpec, load_model, parse_model_spec
 
 

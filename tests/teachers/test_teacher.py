@@ -76,7 +76,7 @@ def test_captioner_is_seeded_per_sample_whatever_the_batch():
 
 
 def test_captioner_rejects_clip_models():
-    from distill.errors import UserInputError
+    from mdcore.errors import UserInputError
 
     with pytest.warns(UserWarning), pytest.raises(UserInputError, match="not a captioner"):
         Captioner(load_model("md-teacher-s"))
