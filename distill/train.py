@@ -28,12 +28,14 @@ import yaml
 from torch import nn
 from tqdm import tqdm
 
+from distill.checkpoint import TrainingState, checkpoint_step, last_checkpoint, load_checkpoint, save_checkpoint
 from distill.inherit import inherit_weights
 from distill.losses import affinity_mimicking_loss, clip_loss, ensemble_kd_loss, feature_distillation_loss
 from distill.prune import attach_masks, counted_parameters, prune_model, source_pruning, tower_parameter_count
 from distill.recipe import DistillConfig
-from mdcore.atomic import write_json_atomic
+from mdcore.atomic import write_text_atomic
 from mdcore.errors import UserInputError
+from mdcore.jsonio import read_jsonl_file
 from reinforced_data.augment import (
     AugmentationConfig,
     augmentation_generator,
@@ -42,7 +44,7 @@ from reinforced_data.augment import (
 )
 from reinforced_data.reader import index_images, open_reinforced, read_info
 from reinforced_data.shards import IMAGE_EXTENSIONS, decode_sample, iter_raw_samples, resolve_shards
-from teachers.model_dir import write_model_files
+from teachers.model_dir import CONFIG_NAME, read_provenance, write_model_files
 from teachers.specs import load_model
 from teachers.train import (
     LockedTextCache,
@@ -52,7 +54,7 @@ from teachers.train import (
     param_groups_for_weight_decay,
 )
 
-__all__ = ["distill", "compute_losses", "text_encoder", "last_checkpoint"]
+__all__ = ["distill", "compute_losses", "text_encoder"]
 
 
 class _TrainingStream(torch.utils.data.IterableDataset):
@@ -217,12 +219,6 @@ def compute_losses(model: nn.Module, batch, encode_text, config: DistillConfig, 
     return terms
 
 
-def last_checkpoint(run_dir: Path) -> Path | None:
-    checkpoints = sorted((run_dir / "checkpoints").glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
-    complete = [c for c in checkpoints if (c / "step.json").is_file()]
-    return complete[-1] if complete else None
-
-
 def _plot_curves(rows: list[dict[str, float]], path: Path) -> None:
     import matplotlib
 
@@ -247,6 +243,47 @@ def _plot_curves(rows: list[dict[str, float]], path: Path) -> None:
     plt.close(fig)
 
 
+def _resume_point(run_dir: Path, steps: int) -> Path | None:
+    """The checkpoint `--resume` continues from (None: start afresh), or a `UserInputError` when it cannot: a
+    finished run is continued only to more steps, and only from the checkpoint of its last step."""
+    checkpoint = last_checkpoint(run_dir)
+    saved = checkpoint_step(checkpoint) if checkpoint is not None else 0
+    if saved > steps:
+        raise UserInputError(f"{run_dir}'s last checkpoint is at step {saved}, beyond --steps {steps}")
+    if not (run_dir / CONFIG_NAME).is_file():
+        return checkpoint
+    finished = _finished_steps(run_dir)
+    if finished is None or steps <= finished:
+        raise UserInputError(f"{run_dir} holds a finished run of {finished} steps (give more --steps to continue it, "
+                             "delete it, or pick another --out)")
+    if checkpoint is None or saved != finished:
+        raise UserInputError(f"{run_dir} holds a finished run of {finished} steps without a checkpoint of its last "
+                             "step to continue from (runs save one with --save-every)")
+    return checkpoint
+
+
+def _finished_steps(run_dir: Path) -> int | None:
+    steps = read_provenance(run_dir).get("steps")
+    return steps if type(steps) is int else None
+
+
+def _logged_rows(log_path: Path, start_step: int) -> list[dict[str, Any]]:
+    """The log rows of the steps before `start_step` (a torn last line, from a kill mid-write, is dropped)."""
+    if not log_path.is_file():
+        return []
+    rows = []
+    for row in read_jsonl_file(log_path):
+        if type(row.get("step")) is not int:
+            raise UserInputError(f"{log_path} has a row without an integer step")
+        if row["step"] < start_step:
+            rows.append(row)
+    return rows
+
+
+def _write_log(log_path: Path, rows: list[dict[str, Any]]) -> None:
+    write_text_atomic(log_path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
 def distill(data: str, run_dir: str | Path, config: DistillConfig, images: str | None = None, resume: bool = False,
             progress: bool = True, command: str = "") -> dict[str, Any]:
     """Train `config.student` on the reinforced dataset `data`; writes the run directory and returns a summary."""
@@ -256,10 +293,12 @@ def distill(data: str, run_dir: str | Path, config: DistillConfig, images: str |
     from distill.evaluate import evaluate_model
 
     run_dir = Path(run_dir)
-    if (run_dir / "open_clip_config.json").exists():
-        raise UserInputError(f"{run_dir} holds a finished run (delete it or pick another --out)")
+    if (run_dir / CONFIG_NAME).is_file() and not resume:
+        raise UserInputError(f"{run_dir} holds a finished run (delete it, pick another --out, or continue it with "
+                             "--resume and more --steps)")
     if run_dir.exists() and any(run_dir.iterdir()) and not resume:
         raise UserInputError(f"{run_dir} is not empty: pass --resume to continue it, or pick another --out")
+    checkpoint = _resume_point(run_dir, config.steps) if resume else None
     if config.steps <= 0 or config.batch_size <= 0:
         raise UserInputError("steps and batch_size must be positive")
     if config.student_from and config.inherit_from:
@@ -336,7 +375,6 @@ def distill(data: str, run_dir: str | Path, config: DistillConfig, images: str |
                              config.prune.target_sparsity, round(config.prune.warmup * config.steps),
                              config.prune.init_log_alpha, config.prune.count).to(accelerator.device)
         mask_optimizer = masks.optimizer(config.prune.mask_lr, config.prune.lambda_lr)
-        accelerator.register_for_checkpointing(masks, mask_optimizer)
     student_dim, ref_dim = loaded.embed_dim, dims[config.loss.reference_teacher]
     projection = nn.Linear(student_dim, ref_dim, bias=False).to(accelerator.device) \
         if config.loss.w_feature and student_dim != ref_dim else None
@@ -350,11 +388,16 @@ def distill(data: str, run_dir: str | Path, config: DistillConfig, images: str |
     if projection is not None:
         projection = accelerator.prepare(projection)
 
-    start_step = 0
-    checkpoint = last_checkpoint(run_dir) if resume else None
-    if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
-        start_step = json.loads((checkpoint / "step.json").read_text())["step"]
+    trained = {"student": accelerator.unwrap_model(model)}
+    optimizers = {"student": optimizer}
+    if projection is not None:
+        trained["projection"] = accelerator.unwrap_model(projection)
+    if masks is not None:
+        trained["masks"], optimizers["masks"] = masks, mask_optimizer
+    state = TrainingState(trained, optimizers, scheduler, accelerator.scaler)
+    start_step = load_checkpoint(checkpoint, state, accelerator) if checkpoint is not None else 0
+    if start_step and accelerator.is_main_process:  # a finished run continued to more steps is unfinished again
+        (run_dir / CONFIG_NAME).unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process:
         (run_dir / "recipe.yaml").write_text(yaml.safe_dump(asdict(config), sort_keys=False))
@@ -364,14 +407,16 @@ def distill(data: str, run_dir: str | Path, config: DistillConfig, images: str |
     stream = _TrainingStream(samples, augmentation, size, loaded.preprocess_cfg["mean"], loaded.preprocess_cfg["std"],
                              config, accelerator.process_index, accelerator.num_processes, per_process,
                              teacher_views=ensemble is not None)
-    loader = torch.utils.data.DataLoader(stream, batch_size=per_process, num_workers=0)
+    # Its own generator: creating an iterator draws a seed, which must not shift the global random state that a
+    # resumed run has just restored (the pruning masks sample from it).
+    loader = torch.utils.data.DataLoader(stream, batch_size=per_process, num_workers=0,
+                                         generator=torch.Generator().manual_seed(config.seed))
     batches = itertools.islice(iter(loader), start_step * config.grad_accum_steps, None)
 
     eval_root = config.eval_data or (info.config.get("source") if info is not None else str(data))
     can_eval = bool(eval_root) and Path(eval_root, config.eval_split).is_dir()
     log_path = run_dir / "log.jsonl"
-    rows = [json.loads(line) for line in log_path.read_text().splitlines()] if resume and log_path.is_file() else []
-    rows = [r for r in rows if r["step"] < start_step]
+    rows = _logged_rows(log_path, start_step) if start_step else []
     unwrapped = accelerator.unwrap_model(model)
     encode_text = text_encoder(unwrapped, loaded.tokenizer, locked_cache)
     start = time.time()
@@ -418,12 +463,11 @@ def distill(data: str, run_dir: str | Path, config: DistillConfig, images: str |
             rows.append(row)
             accelerator.log({k: v for k, v in row.items() if k != "step"}, step=step)
             bar.set_postfix(loss=f"{row['loss']:.3f}")
-        if config.save_every and done % config.save_every == 0 and done < config.steps:
-            path = run_dir / "checkpoints" / f"step_{done}"
-            accelerator.save_state(str(path))
-            if accelerator.is_main_process:
-                write_json_atomic(path / "step.json", {"step": done})  # written last: marks it complete
-                log_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        # The last step is saved too, so a finished run can be continued to more steps (`--resume --steps`).
+        if config.save_every and (done % config.save_every == 0 or done == config.steps):
+            if accelerator.is_main_process:  # the log first: a checkpoint never runs ahead of its log
+                _write_log(log_path, rows)
+            save_checkpoint(run_dir / "checkpoints" / f"step_{done}", state, done, accelerator)
     accelerator.wait_for_everyone()
     accelerator.end_training()
 
@@ -439,7 +483,7 @@ def distill(data: str, run_dir: str | Path, config: DistillConfig, images: str |
                    "achieved_sparsity": 1 - counted / pruning["reference_params"]}
     summary["prune"] = pruning or None
     if accelerator.is_main_process:
-        log_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        _write_log(log_path, rows)
         _plot_curves(rows, run_dir / "curves.png")
         evaluation = evaluate_model(loaded, eval_root, config.eval_split, progress=False) if can_eval else None
         provenance = {"command": command, "recipe": asdict(config), "data": str(data), "images": images,

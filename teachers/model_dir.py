@@ -9,7 +9,6 @@
 built under a temporary name and renamed when complete, so a crash never leaves something that looks finished.
 """
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from mdcore.atomic import atomic_directory, hidden_temporary, write_json_atomic
+from mdcore.jsonio import read_json_file
 
 __all__ = ["save_model_dir", "write_model_files", "read_provenance", "update_provenance", "CONFIG_NAME",
            "PROVENANCE_NAME", "WEIGHTS_NAME"]
@@ -67,8 +67,9 @@ def write_model_files(model: torch.nn.Module, model_cfg: dict[str, Any], directo
 
 
 def read_provenance(model_dir: str | Path) -> dict[str, Any]:
+    """`mobiledistill.json` of a model directory ({} when there is none); a corrupt one is a `UserInputError`."""
     path = Path(model_dir) / PROVENANCE_NAME
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return read_json_file(path) if path.is_file() else {}
 
 
 def update_provenance(model_dir: str | Path, **entries: Any) -> None:

@@ -20,11 +20,8 @@ from distill.recipe import load_recipe
 from distill.stages import run_stages
 from distill.train import distill
 from mdcore.errors import UserInputError
-from reinforced_data.augment import AugmentationConfig
-from reinforced_data.writer import ReinforceConfig, reinforce
 from teachers.model_dir import save_model_dir
 from teachers.specs import load_model
-from tests.conftest import write_shapes_root
 
 REPO = Path(__file__).parents[2]
 
@@ -169,17 +166,8 @@ def test_masks_refuse_what_they_cannot_prune():
     assert [s.name for s in masks.shapes] == ["text"] and masks.fixed_params > 0
 
 
-@pytest.fixture(scope="module")
-def reinforced(tmp_path_factory, tiny_model_dirs) -> Path:
-    root = write_shapes_root(tmp_path_factory.mktemp("data") / "shapes", per_pair=2, size=64)
-    out = tmp_path_factory.mktemp("dr") / "dr"
-    reinforce(str(root), [str(tiny_model_dirs["teacher_a"])], out,
-              ReinforceConfig(num_augs=2, num_captions=0, dtype="fp16",
-                              augmentation=AugmentationConfig(size=64, scale=(0.5, 1.0))), progress=False)
-    return out
-
-
-def test_two_stage_run_prunes_progressively_and_resumes(reinforced, tiny_model_dirs, tmp_path):
+def test_two_stage_run_prunes_progressively_and_resumes(one_teacher_reinforced, tiny_model_dirs, tmp_path):
+    reinforced = one_teacher_reinforced
     source = tiny_model_dirs["teacher_b"]  # md-student-tiny weights: small enough for a test
     config = load_recipe(REPO / "recipes" / "emoji-auto-inherit.yaml",
                          ["steps=4", "batch_size=8", "warmup_steps=1", "log_every=1", f"student_from={source}",

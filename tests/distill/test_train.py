@@ -120,7 +120,7 @@ def test_two_processes_train_with_the_losses_of_one(reinforced, tmp_path):
     rows_one, rows_two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert [r["step"] for r in rows_one] == [r["step"] for r in rows_two] == [0, 1, 2, 3]
     for a, b in zip(rows_one, rows_two):  # same global batches, gathered losses, averaged gradients
-        for key in ("loss", "kd_real_loss", "clip_real_loss", "affinity_loss"):
+        for key in ("loss", "lr", "kd_real_loss", "clip_real_loss", "affinity_loss"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (a["step"], key)
 
 
