@@ -10,9 +10,11 @@ import logging
 import os
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
-from mdcore.errors import UserInputError
+from mdcore.errors import UserInputError, first_line
+from mdcore.paths import check_output
 
 __all__ = ["main", "build_parser"]
 
@@ -20,6 +22,26 @@ __all__ = ["main", "build_parser"]
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, not argparse's usage block
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+@dataclass(frozen=True)
+class _Paths:
+    """Which arguments of a command are inputs and which are outputs (directories filled, files written), so that
+    no output can overwrite, delete or enclose an input (`mdcore.paths.check_output`)."""
+
+    inputs: tuple[str, ...] = ()
+    directories: tuple[tuple[str, str], ...] = ()  # (argument, flag)
+    files: tuple[tuple[str, str], ...] = ()
+
+    def check(self, args: argparse.Namespace, extra_inputs: tuple = ()) -> None:
+        inputs = list(extra_inputs)
+        for name in self.inputs:
+            value = getattr(args, name, None)
+            inputs.extend(value if isinstance(value, list) else [value])
+        for outputs, kind in ((self.directories, "directory"), (self.files, "file")):
+            for name, flag in outputs:
+                if getattr(args, name, None):
+                    check_output(getattr(args, name), inputs, option=flag, kind=kind)
 
 
 def _write_json(result: dict, path: str | None) -> None:
@@ -161,6 +183,8 @@ def _cmd_distill(args: argparse.Namespace) -> int:
         if value is not None:
             overrides.append(f"{key}={value}")
     config = load_recipe(args.config, overrides)
+    args.paths.check(args, extra_inputs=(config.eval_data, config.student_from, config.inherit_from,
+                                         *config.online_teachers))
     if args.online_teacher:
         config.online_teachers = list(args.online_teacher)
     run = run_stages if is_staged(config) else distill  # stages / masks: distill.stages
@@ -251,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     emoji.add_argument("--image-size", type=int, default=64)
     emoji.add_argument("--limit", type=int, default=None, help="build a small subset of about N emoji (tests)")
     emoji.add_argument("--seed", type=int, default=0, help="seed of the train/test split")
-    emoji.set_defaults(func=_cmd_data_emoji)
+    emoji.set_defaults(func=_cmd_data_emoji, paths=_Paths(directories=(("out", "--out"),)))
 
     teachers = commands.add_parser("teachers", help="list or train teachers and captioners").add_subparsers(
         dest="teachers_command", required=True, parser_class=_Parser)
@@ -273,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="split of a dataset root to evaluate on afterwards ('none' skips it)")
     train.add_argument("--unlock-text", action="store_true", help="also train a pretrained Hugging Face text tower")
     train.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
-    train.set_defaults(func=_cmd_teachers_train)
+    train.set_defaults(func=_cmd_teachers_train, paths=_Paths(("data", "arch"), (("out", "--out"),)))
 
     ev = commands.add_parser("eval", help="zero-shot classification and retrieval on a dataset root's split")
     ev.add_argument("--model", required=True, help="model spec")
@@ -281,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", default="test")
     ev.add_argument("--batch-size", type=int, default=256)
     ev.add_argument("--json", default=None, help="write the result as JSON to this file")
-    ev.set_defaults(func=_cmd_eval)
+    ev.set_defaults(func=_cmd_eval, paths=_Paths(("model", "data"), files=(("json", "--json"),)))
 
     rf = commands.add_parser("reinforce", help="write a reinforced dataset: teacher embeddings of stored augmentations "
                                               "and synthetic captions")
@@ -300,14 +324,14 @@ def build_parser() -> argparse.ArgumentParser:
     rf.add_argument("--crop-scale-min", type=float, default=0.08, help="RandomResizedCrop's smallest area fraction")
     rf.add_argument("--no-rand-augment", action="store_true", help="crops only")
     rf.add_argument("--embeddings-only", action="store_true", help="do not copy images (join them by key later)")
-    rf.set_defaults(func=_cmd_reinforce)
+    rf.set_defaults(func=_cmd_reinforce, paths=_Paths(("data", "teacher", "captioner"), (("out", "--out"),)))
 
     ins = commands.add_parser("inspect", help="summarize a reinforced dataset (ours or Apple's DataCompDR)")
     ins.add_argument("path", help="reinforced dataset directory or shard pattern")
     ins.add_argument("--images", default=None, help="image-text shards to join by key (for embeddings-only data)")
     ins.add_argument("--html", default=None, help="also write a self-contained HTML page of replayed samples")
     ins.add_argument("--num-samples", type=int, default=12, help="samples shown in the HTML page")
-    ins.set_defaults(func=_cmd_inspect)
+    ins.set_defaults(func=_cmd_inspect, paths=_Paths(("path", "images"), files=(("html", "--html"),)))
 
     ds = commands.add_parser("distill", help="distill a student from a reinforced dataset")
     ds.add_argument("--data", required=True, help="reinforced dataset directory (or image-text data with "
@@ -332,7 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--save-every", type=int, default=None, help="save_state checkpoint every N steps")
     ds.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     ds.add_argument("overrides", nargs="*", help="recipe overrides, key=value (e.g. loss.w_kd=0.5)")
-    ds.set_defaults(func=_cmd_distill)
+    ds.set_defaults(func=_cmd_distill, paths=_Paths(
+        ("data", "images", "student", "inherit_from", "online_teacher", "student_from", "config"), (("out", "--out"),)))
 
     ex = commands.add_parser("export", help="export the image and text towers to ONNX / CoreML, checked against "
                                             "PyTorch")
@@ -347,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--coreml-compress", default=None, choices=["palettize", "int8"],
                     help="CoreML weight compression: 6-bit k-means palettization or int8 linear")
     ex.add_argument("--overwrite", action="store_true", help="replace an existing export directory")
-    ex.set_defaults(func=_cmd_export)
+    ex.set_defaults(func=_cmd_export, paths=_Paths(("model", "data"), (("out", "--out"),)))
 
     bn = commands.add_parser("bench", help="batch-1 latency of an export directory (onnxruntime vs PyTorch eager)")
     bn.add_argument("path", help="export directory (what `mobiledistill export` wrote)")
@@ -356,14 +381,14 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--warmup", type=int, default=10, help="discarded warm-up runs per row")
     bn.add_argument("--threads", default=None, help="comma-separated thread counts (default: 1 and all cores)")
     bn.add_argument("--no-torch", action="store_true", help="skip the PyTorch eager rows")
-    bn.set_defaults(func=_cmd_bench)
+    bn.set_defaults(func=_cmd_bench, paths=_Paths(("path",), files=(("json", "--json"),)))
 
     rp = commands.add_parser("report", help="one HTML page comparing runs: accuracy, latency, Pareto plot, curves")
     rp.add_argument("run_dirs", nargs="+", help="run or model directories")
     rp.add_argument("--out", required=True, help="HTML file to write")
     rp.add_argument("--latency-runs", type=int, default=20,
                     help="timed runs when a run has no bench JSON and latency is measured on PyTorch eager")
-    rp.set_defaults(func=_cmd_report)
+    rp.set_defaults(func=_cmd_report, paths=_Paths(("run_dirs",), files=(("out", "--out"),)))
 
     qs = commands.add_parser("quickstart", help="the whole pipeline on the embedded emoji default: data, teachers, "
                                                 "reinforced dataset, distilled student and baseline, export, table")
@@ -372,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     qs.add_argument("--no-coreml", action="store_true", help="skip the CoreML packages")
     qs.add_argument("--distill-steps", type=int, default=None, help="steps of the student and of the baseline")
     qs.add_argument("--seed", type=int, default=None)
-    qs.set_defaults(func=_cmd_quickstart)
+    qs.set_defaults(func=_cmd_quickstart, paths=_Paths(directories=(("out", "--out"),)))
     return parser
 
 
@@ -395,6 +420,8 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("torch", "timm", "webdataset", "transformers", "huggingface_hub", "accelerate"):
         warnings.filterwarnings("ignore", module=noisy)
     try:
+        if getattr(args, "paths", None) is not None:
+            args.paths.check(args)
         return args.func(args) or 0
     except UserInputError as e:
         print(f"mobiledistill: error: {e}", file=sys.stderr)
@@ -405,6 +432,9 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head` and the like
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as e:  # a full disk, a permission denied: the environment, not a bug
+        print(f"mobiledistill: error: {first_line(e)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

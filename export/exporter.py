@@ -34,6 +34,7 @@ from export.towers import (
 )
 from mdcore.atomic import atomic_directory, write_json_atomic
 from mdcore.errors import UserInputError
+from mdcore.paths import check_output
 from teachers.specs import LoadedModel
 
 __all__ = ["ExportConfig", "export_model", "export_loaded_model", "FORMATS", "REPORT_NAME"]
@@ -82,6 +83,7 @@ def export_model(spec: str, out: str | Path, config: ExportConfig) -> dict[str, 
 
     out = Path(out)
     _check_out(out, config.overwrite)
+    check_output(out, [spec, config.data])  # --overwrite must never delete the model or data it reads
     if config.data is not None and not Path(config.data).exists() and not any(c in config.data for c in "{*"):
         raise UserInputError(f"dataset not found: {config.data}")
     torch.manual_seed(config.seed)  # an architecture without weights gets the same random ones every export
