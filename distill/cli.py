@@ -44,6 +44,12 @@ class _Paths:
                     check_output(getattr(args, name), inputs, option=flag, kind=kind)
 
 
+def _report_skips(skips: dict | None) -> None:
+    """One line on stderr saying what a command could not read (`SkipLog.as_dict()`), when anything."""
+    if skips and (skips["samples"] or skips["unreadable_shards"]):
+        print(f"mobiledistill: {skips['summary']}", file=sys.stderr)
+
+
 def _write_json(result: dict, path: str | None) -> None:
     if path:
         from mdcore.atomic import write_json_atomic
@@ -98,8 +104,7 @@ def _cmd_teachers_train(args: argparse.Namespace) -> int:
                             provenance={"command": " ".join(sys.argv)})
     print(f"wrote {args.out}: {summary['steps']} steps in {summary['wall_s']} s, "
           f"final loss {summary['final_loss']:.3f}")
-    if summary["skipped"] or summary["unreadable_shards"]:
-        print(summary["skip_summary"])
+    _report_skips(summary["skips"])
     if args.eval_split != "none" and Path(args.data, args.eval_split).is_dir():
         result = evaluate_model(load_model(f"local-dir:{args.out}"), args.data, args.eval_split)
         update_provenance(args.out, evaluation=result)
@@ -126,6 +131,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     result = evaluate_model(load_model(args.model), args.data, args.split, batch_size=args.batch_size)
     _write_json(result, args.json)
     print(_eval_line(result))
+    _report_skips(result["skips"])
     return 0
 
 
@@ -146,6 +152,7 @@ def _cmd_reinforce(args: argparse.Namespace) -> int:
         print(f"wrote {args.out}: {counts['samples']} samples, {counts['skipped']} skipped, "
               f"{counts['bytes_per_sample'] / 1024:.1f} KiB per sample ({result['dtype']}, K={result['num_augs']}, "
               f"C={result['num_captions']}, {len(result['teachers'])} teachers)")
+        _report_skips(result["skips"])
     return 0
 
 
@@ -165,6 +172,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
     summary = inspect_reinforced(args.path)
     print(json.dumps(summary, indent=2))
+    _report_skips(summary.get("skips"))
     if args.html:
         write_inspection_html(args.path, args.html, images=args.images, num_samples=args.num_samples)
         print(f"wrote {args.html}", file=sys.stderr)
@@ -189,6 +197,7 @@ def _cmd_distill(args: argparse.Namespace) -> int:
         config.online_teachers = list(args.online_teacher)
     run = run_stages if is_staged(config) else distill  # stages / masks: distill.stages
     summary = run(args.data, args.out, config, images=args.images, resume=args.resume, command=" ".join(sys.argv))
+    _report_skips(summary.get("skips"))
     if summary.get("evaluation"):
         print(_eval_line({**summary["evaluation"], "model": args.out}))
     print(f"wrote {args.out}: {summary['steps']} steps in {summary['wall_s']} s, "

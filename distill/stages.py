@@ -20,11 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from accelerate import PartialState
 
 from distill.recipe import DistillConfig, PruneConfig, stage_config
 from distill.train import distill
-from mdcore.atomic import copy_file_atomic, write_json_atomic
+from mdcore.atomic import copy_file_atomic, write_json_atomic, write_text_atomic
 from mdcore.errors import UserInputError
+from mdcore.locks import hold_directory, holds_nothing
+from mdcore.names import STAGES_RECIPE
 from teachers.model_dir import CONFIG_NAME, PROVENANCE_NAME, read_provenance
 
 __all__ = ["is_staged", "run_stages"]
@@ -85,28 +88,30 @@ def run_stages(data: str, run_dir: str | Path, config: DistillConfig, images: st
     run_dir = Path(run_dir)
     if _finished(run_dir):
         raise UserInputError(f"{run_dir} holds a finished run (delete it or pick another --out)")
-    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
+    if not holds_nothing(run_dir) and not resume:
         raise UserInputError(f"{run_dir} is not empty: pass --resume to continue it, or pick another --out")
     if not config.student_from:
         raise UserInputError("stages and target sparsities need --student-from (the model the first stage copies)")
     stages = [stage_config(config, i) for i in range(len(config.stages))] or [dataclasses.replace(config)]
-    run_dir.mkdir(parents=True, exist_ok=True)
-    recipe = yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
-    recipe_path = run_dir / "stages.yaml"
-    if recipe_path.is_file() and recipe_path.read_text() != recipe:
-        raise UserInputError(f"{run_dir} holds stages of another recipe ({recipe_path}); pick another --out")
-    recipe_path.write_text(recipe)
+    main_process = PartialState().is_main_process
+    with hold_directory(run_dir, enabled=main_process):  # one run at a time on run_dir
+        recipe = yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
+        recipe_path = run_dir / STAGES_RECIPE
+        if recipe_path.is_file() and recipe_path.read_text() != recipe:
+            raise UserInputError(f"{run_dir} holds stages of another recipe ({recipe_path}); pick another --out")
+        if main_process:
+            write_text_atomic(recipe_path, recipe)
 
-    start = time.time()
-    source, records = config.student_from, []
-    for index, stage in enumerate(stages):
-        stage = dataclasses.replace(stage, student_from=source)
-        dirs = _run_stage(data, run_dir / f"stage-{index}", stage, images, progress, command)
-        records.append(_stage_record(index, stage, dirs["model_dir"]))
-        source = str(dirs["model_dir"])
-    last = Path(source)
-    _publish(last, run_dir, {"command": command, "stages": records})
-    provenance = read_provenance(run_dir)
-    return {"steps": sum(s.steps for s in stages), "wall_s": round(time.time() - start, 1),
-            "final_loss": (provenance.get("train") or {}).get("final_loss", float("nan")),
-            "evaluation": provenance.get("evaluation"), "prune": provenance.get("prune"), "stages": records}
+        start = time.time()
+        source, records = config.student_from, []
+        for index, stage in enumerate(stages):
+            stage = dataclasses.replace(stage, student_from=source)
+            dirs = _run_stage(data, run_dir / f"stage-{index}", stage, images, progress, command)
+            records.append(_stage_record(index, stage, dirs["model_dir"]))
+            source = str(dirs["model_dir"])
+        last = Path(source)
+        _publish(last, run_dir, {"command": command, "stages": records})
+        provenance = read_provenance(run_dir)
+        return {"steps": sum(s.steps for s in stages), "wall_s": round(time.time() - start, 1),
+                "final_loss": (provenance.get("train") or {}).get("final_loss", float("nan")),
+                "evaluation": provenance.get("evaluation"), "prune": provenance.get("prune"), "stages": records}

@@ -17,6 +17,7 @@ import itertools
 import json
 import math
 import random
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -28,7 +29,14 @@ import yaml
 from torch import nn
 from tqdm import tqdm
 
-from distill.checkpoint import TrainingState, checkpoint_step, last_checkpoint, load_checkpoint, save_checkpoint
+from distill.checkpoint import (
+    STEP_NAME,
+    TrainingState,
+    checkpoint_step,
+    last_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from distill.inherit import inherit_weights
 from distill.losses import affinity_mimicking_loss, clip_loss, ensemble_kd_loss, feature_distillation_loss
 from distill.prune import attach_masks, counted_parameters, prune_model, source_pruning, tower_parameter_count
@@ -36,6 +44,8 @@ from distill.recipe import DistillConfig
 from mdcore.atomic import write_text_atomic
 from mdcore.errors import UserInputError
 from mdcore.jsonio import read_jsonl_file
+from mdcore.locks import hold_directory, holds_nothing, remove_temporaries
+from mdcore.names import CHECKPOINTS
 from reinforced_data.augment import (
     AugmentationConfig,
     augmentation_generator,
@@ -43,7 +53,7 @@ from reinforced_data.augment import (
     sample_augmentation,
 )
 from reinforced_data.reader import index_images, open_reinforced, read_info
-from reinforced_data.shards import IMAGE_EXTENSIONS, decode_sample, iter_raw_samples, resolve_shards
+from reinforced_data.shards import IMAGE_EXTENSIONS, SkipLog, decode_sample, iter_raw_samples, resolve_shards
 from teachers.model_dir import CONFIG_NAME, read_provenance, write_model_files
 from teachers.specs import load_model
 from teachers.train import (
@@ -74,7 +84,7 @@ class _TrainingStream(torch.utils.data.IterableDataset):
         self.std = torch.tensor(std).view(3, 1, 1)
         self.config, self.rank, self.world, self.local_batch = config, rank, world, local_batch
         self.teacher_views = teacher_views
-        self.skipped = 0
+        self.skips = SkipLog()  # what the first epoch could not use (later epochs skip the same samples again)
 
     def __iter__(self):
         cfg = self.config
@@ -83,38 +93,39 @@ class _TrainingStream(torch.utils.data.IterableDataset):
         for epoch in itertools.count():
             order = random.Random(f"{cfg.seed}/{epoch}")
             seen = 0
-            for sample in _shuffle_buffer(self.samples(), order, cfg.shuffle_buffer):
+            skips = self.skips if epoch == 0 else SkipLog()
+            for sample in _shuffle_buffer(self.samples(skips), order, cfg.shuffle_buffer):
                 seen += 1
                 owner = (position % global_batch) // self.local_batch
                 position += 1
                 if owner == self.rank:
-                    example = self._example(sample, epoch)
+                    example = self._example(sample, epoch, skips)
                     if example is not None:
                         yield example
             if seen == 0:
                 raise UserInputError("the training data has no samples with images (for an embeddings-only "
                                      "dataset pass the image shards with --images)")
 
-    def _example(self, sample: dict[str, Any], epoch: int):
+    def _example(self, sample: dict[str, Any], epoch: int, skips: SkipLog):
         cfg = self.config
         choice = random.Random(f"{cfg.seed}/{epoch}/{sample['key']}")
         try:
             decoded = decode_sample(sample["image_source"])
-        except ValueError:
-            self.skipped += 1
+            stored = sample["param_aug"]
+            if stored:
+                k = choice.randrange(len(stored)) if cfg.aug_sampling == "random" else epoch % len(stored)
+                params = stored[k]
+            else:  # plain image-text data (online teachers): a fresh augmentation per epoch
+                k = 0
+                generator = augmentation_generator(cfg.seed * 1_000_003 + epoch, sample["key"])
+                params = sample_augmentation(*decoded.image.size, self.augmentation, generator)
+            view = replay_augmentation(decoded.image, params, self.augmentation, size=self.size)
+            teacher_view = replay_augmentation(decoded.image, params, self.augmentation) if self.teacher_views \
+                else torch.zeros(0)
+        except ValueError as e:  # an undecodable image, a stored crop outside it, ...
+            skips.skip_sample(sample["key"], str(e), sample["image_source"].get("__url__"))
             return None
-        stored = sample["param_aug"]
-        if stored:
-            k = choice.randrange(len(stored)) if cfg.aug_sampling == "random" else epoch % len(stored)
-            params = stored[k]
-        else:  # plain image-text data (online teachers): a fresh augmentation per epoch
-            k = 0
-            generator = augmentation_generator(cfg.seed * 1_000_003 + epoch, sample["key"])
-            params = sample_augmentation(*decoded.image.size, self.augmentation, generator)
-        view = replay_augmentation(decoded.image, params, self.augmentation, size=self.size)
         view = (view - self.mean) / self.std  # (3, S, S)
-        teacher_view = replay_augmentation(decoded.image, params, self.augmentation) if self.teacher_views \
-            else torch.zeros(0)
         syn = sample["syn_captions"]
         j = choice.randrange(len(syn)) if syn else -1
         if sample["image_emb"] is not None:
@@ -138,8 +149,8 @@ def _shuffle_buffer(samples, rng: random.Random, size: int):
 
 def _image_text_samples(urls: list[str]):
     """Plain image-text shards as training samples without stored augmentations or embeddings."""
-    def samples():
-        for raw in iter_raw_samples(urls):
+    def samples(skips: SkipLog):
+        for raw in iter_raw_samples(urls, skips):
             if any(ext in raw for ext in IMAGE_EXTENSIONS):
                 yield {"key": raw["__key__"], "image_source": raw, "param_aug": [], "syn_captions": [],
                        "image_emb": None, "text_emb": None}
@@ -147,8 +158,8 @@ def _image_text_samples(urls: list[str]):
 
 
 def _reinforced_samples(path: str, image_index):
-    def samples():
-        for sample in open_reinforced(path, image_index, decode_images=False):
+    def samples(skips: SkipLog):
+        for sample in open_reinforced(path, image_index, skips, decode_images=False):
             if sample["image_source"] is not None:
                 yield sample
     return samples
@@ -286,18 +297,35 @@ def _write_log(log_path: Path, rows: list[dict[str, Any]]) -> None:
 
 def distill(data: str, run_dir: str | Path, config: DistillConfig, images: str | None = None, resume: bool = False,
             progress: bool = True, command: str = "") -> dict[str, Any]:
-    """Train `config.student` on the reinforced dataset `data`; writes the run directory and returns a summary."""
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    """Train `config.student` on the reinforced dataset `data`; writes the run directory and returns a summary.
 
-    from distill.evaluate import evaluate_model
+    The run directory is held for the run (`mdcore.locks`): a second run on it is refused, and what a killed run
+    left half-written there (temporaries, a checkpoint without its step.json) is removed when a run takes it over."""
+    from accelerate import PartialState
 
     run_dir = Path(run_dir)
     if (run_dir / CONFIG_NAME).is_file() and not resume:
         raise UserInputError(f"{run_dir} holds a finished run (delete it, pick another --out, or continue it with "
                              "--resume and more --steps)")
-    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
+    if not holds_nothing(run_dir) and not resume:
         raise UserInputError(f"{run_dir} is not empty: pass --resume to continue it, or pick another --out")
+    main_process = PartialState().is_main_process
+    with hold_directory(run_dir, enabled=main_process):
+        if main_process:
+            remove_temporaries(run_dir)
+            for checkpoint in (run_dir / CHECKPOINTS).glob("step_*"):
+                if not (checkpoint / STEP_NAME).is_file():  # killed while saving: never resumed from
+                    shutil.rmtree(checkpoint)
+        return _distill(data, run_dir, config, images, resume, progress, command)
+
+
+def _distill(data: str, run_dir: Path, config: DistillConfig, images: str | None, resume: bool, progress: bool,
+             command: str) -> dict[str, Any]:
+    from accelerate import Accelerator
+    from accelerate.utils import gather_object, set_seed
+
+    from distill.evaluate import evaluate_model
+
     checkpoint = _resume_point(run_dir, config.steps) if resume else None
     if config.steps <= 0 or config.batch_size <= 0:
         raise UserInputError("steps and batch_size must be positive")
@@ -317,12 +345,10 @@ def distill(data: str, run_dir: str | Path, config: DistillConfig, images: str |
         dims = info.dims
         if dims is None:
             raise UserInputError(f"{data}: config.json does not give the teachers' dimensions")
-        sample = next(iter(open_reinforced(data, image_index, decode_images=False)), None)
-        if sample is None:
-            raise UserInputError(f"no readable samples in {data}")
-        if sample["image_emb"].shape[-1] != sum(dims):
-            raise UserInputError(f"embedding dimension {sample['image_emb'].shape[-1]} does not match the "
-                                 f"teachers' {dims} in config.json")
+        skips = SkipLog()
+        if next(iter(open_reinforced(data, image_index, skips, decode_images=False)), None) is None:
+            reason = skips.samples[0]["reason"] if skips.samples else skips.summary()
+            raise UserInputError(f"no readable samples in {data} (the first: {reason})")
         teacher_scales = [float(t["logit_scale"]) for t in info.teachers]
 
     accelerator = Accelerator(mixed_precision=config.mixed_precision,
@@ -471,9 +497,12 @@ def distill(data: str, run_dir: str | Path, config: DistillConfig, images: str |
     accelerator.wait_for_everyone()
     accelerator.end_training()
 
+    skips = SkipLog()
+    for other in gather_object([stream.skips.as_dict()]):  # each process decoded its own samples
+        skips.merge(other)
     summary: dict[str, Any] = {"steps": config.steps, "wall_s": round(time.time() - start, 1),
                                "final_loss": rows[-1]["loss"], "resumed_from": start_step,
-                               "skipped_samples": stream.skipped}
+                               "skipped_samples": skips.sample_count, "skips": skips.as_dict()}
     if masks is not None:  # the prune step: deterministic masks, weights sliced, masks gone
         unwrapped, loaded.model_cfg, pruning = prune_model(unwrapped, loaded.model_cfg, masks)
         loaded.model = unwrapped

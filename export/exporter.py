@@ -315,21 +315,32 @@ def _zero_shot_change(loaded: LoadedModel, directory: Path, towers: dict, config
     from export.onnx_export import onnx_session, run_onnx
 
     data = load_eval_data(config.data, config.split)
-    labelled = data.labels >= 0
-    if not labelled.any():
-        return None
-    images = torch.stack([loaded.preprocess(im) for im, keep in zip(data.images, labelled) if keep]).numpy()
     prompts = [t.format(c=c) for c in data.classnames for t in data.templates]
     prompt_tokens = loaded.tokenizer(prompts).to(torch.int32).numpy()  # (C * T, L)
-    result = {"split": config.split, "num_samples": int(labelled.sum()), "num_classes": len(data.classnames)}
-    for precision, suffix in (("fp32", ".onnx"), ("int8", ".int8.onnx")):
-        image_session = onnx_session(directory / f"image_encoder{suffix}")
-        text_session = onnx_session(directory / f"text_encoder{suffix}")
-        image_emb = torch.from_numpy(run_onnx(image_session, images))  # (N, D)
-        text_emb = torch.from_numpy(run_onnx(text_session, prompt_tokens))  # (C * T, D)
+    precisions = (("fp32", ".onnx"), ("int8", ".int8.onnx"))
+    classifiers, image_sessions = {}, {}
+    for precision, suffix in precisions:
+        text_emb = torch.from_numpy(run_onnx(onnx_session(directory / f"text_encoder{suffix}"), prompt_tokens))
         classifier = text_emb.view(len(data.classnames), len(data.templates), -1).mean(dim=1)  # (C, D)
-        classifier = torch.nn.functional.normalize(classifier, dim=-1)
-        result[f"{precision}_top1"] = zero_shot_metrics(image_emb @ classifier.T, data.labels[labelled])["top1"]
+        classifiers[precision] = torch.nn.functional.normalize(classifier, dim=-1)
+        image_sessions[precision] = onnx_session(directory / f"image_encoder{suffix}")
+    logits: dict[str, list[torch.Tensor]] = {precision: [] for precision, _ in precisions}
+    labels = []
+    for images, _, batch_labels in data.batches(64):
+        keep = batch_labels >= 0
+        if not keep.any():
+            continue
+        pixels = torch.stack([loaded.preprocess(im) for im, k in zip(images, keep) if k]).numpy()
+        for precision, session in image_sessions.items():
+            image_emb = torch.from_numpy(run_onnx(session, pixels))  # (B, D)
+            logits[precision].append(image_emb @ classifiers[precision].T)
+        labels.append(batch_labels[keep])
+    if not labels:
+        return None
+    labels = torch.cat(labels)
+    result = {"split": config.split, "num_samples": len(labels), "num_classes": len(data.classnames)}
+    for precision, _ in precisions:
+        result[f"{precision}_top1"] = zero_shot_metrics(torch.cat(logits[precision]), labels)["top1"]
     result["top1_change_points"] = 100 * (result["int8_top1"] - result["fp32_top1"])
     return result
 

@@ -7,17 +7,17 @@ were shown), the real and synthetic captions, and each caption's cosine similari
 import base64
 import html
 import io
-import tarfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torchvision.transforms.functional as TF
 
 from mdcore.errors import UserInputError
 from reinforced_data.augment import replay_augmentation
 from reinforced_data.reader import ReinforcedInfo, open_reinforced, read_info
+from reinforced_data.shards import SkipLog, iter_raw_samples
+from reinforced_data.storage import stored_dtype
 
 __all__ = ["inspect_reinforced", "write_inspection_html"]
 
@@ -35,13 +35,15 @@ def inspect_reinforced(path: str | Path) -> dict[str, Any]:
     """The design's summary: format, num_samples, num_augs, num_captions, teachers, dtype, bytes_per_sample."""
     info = read_info(path)
     counts = info.config.get("counts")
-    first = next(iter(open_reinforced(path)), None)  # embeddings suffice: no need to index the image shards
+    skips = SkipLog()
+    first = next(iter(open_reinforced(path, skips=skips)), None)  # embeddings suffice: no image shards needed
     if first is None:
-        raise UserInputError(f"no readable samples in {path}")
-    if counts:
-        num_samples, bytes_per_sample = counts["samples"], counts["bytes_per_sample"]
+        raise UserInputError(f"no readable samples in {path} ({skips.summary()})")
+    if isinstance(counts, dict) and type(counts.get("samples")) is int:
+        num_samples, bytes_per_sample = counts["samples"], counts.get("bytes_per_sample")
     else:  # Apple's shards carry no counts: read them through
-        num_samples = sum(1 for _ in open_reinforced(path))
+        skips = SkipLog()
+        num_samples = sum(1 for _ in open_reinforced(path, skips=skips))
         bytes_per_sample = sum(Path(s).stat().st_size for s in info.shards) / max(1, num_samples)
     return {
         "format": info.format,
@@ -50,18 +52,21 @@ def inspect_reinforced(path: str | Path) -> dict[str, Any]:
         "num_captions": int(first["text_emb"].shape[0]) - 1,
         "teachers": _teacher_dims(info, int(first["image_emb"].shape[1])),
         "dtype": info.dtype or _guess_dtype(info),
-        "bytes_per_sample": round(bytes_per_sample, 1),
+        "bytes_per_sample": round(bytes_per_sample, 1) if isinstance(bytes_per_sample, (int, float)) else None,
+        "skips": skips.as_dict(),
     }
 
 
-def _guess_dtype(info: ReinforcedInfo) -> str:
-    with tarfile.open(info.shards[0]) as tar:
-        names = tar.getnames()
-        if any(n.endswith(".pth.gz") for n in names):
-            return "bf16"
-        member = next(n for n in names if n.endswith(".npz"))
-        with np.load(io.BytesIO(tar.extractfile(member).read())) as arrays:
-            return {"float32": "fp32", "float16": "fp16", "int8": "int8"}[str(arrays["image_emb"].dtype)]
+def _guess_dtype(info: ReinforcedInfo) -> str | None:
+    """The storage dtype of the first sample's embeddings (Apple's configs do not name it)."""
+    for raw in iter_raw_samples(info.shards):
+        for ext in ("npz", "pth.gz"):
+            if ext in raw:
+                try:
+                    return stored_dtype(ext, raw[ext])
+                except ValueError:
+                    return None
+    return None
 
 
 def _data_uri(tensor: torch.Tensor) -> str:
@@ -93,9 +98,12 @@ def write_inspection_html(path: str | Path, out: str | Path, images: str | Path 
         teachers = _teacher_dims(info, int(sample["image_emb"].shape[1]))
         captions = [sample["caption"] or "(no caption)"] + list(sample["syn_captions"])
         if sample["image"] is not None and sample["param_aug"]:
-            views = [replay_augmentation(sample["image"], p, info.augmentation) for p in sample["param_aug"]]
-            strip = "".join(f"<figure><img src='{_data_uri(v)}'><figcaption>{k}</figcaption></figure>"
-                            for k, v in enumerate(views))
+            try:
+                views = [replay_augmentation(sample["image"], p, info.augmentation) for p in sample["param_aug"]]
+                strip = "".join(f"<figure><img src='{_data_uri(v)}'><figcaption>{k}</figcaption></figure>"
+                                for k, v in enumerate(views))
+            except ValueError as e:  # stored parameters that do not fit this image
+                strip = f"<p>(the stored augmentations cannot be replayed: {html.escape(str(e))})</p>"
         else:
             strip = "<p>(no source image: pass --images to join them by key)</p>"
         tables, start = [], 0

@@ -11,20 +11,31 @@ Apple's shards hold no images or captions (they are in the DataComp shards of th
 from config.json.
 """
 
-import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from mdcore.errors import UserInputError
-from reinforced_data.augment import AugmentationConfig
-from reinforced_data.shards import IMAGE_EXTENSIONS, SkipLog, decode_sample, iter_raw_samples, resolve_shards
-from reinforced_data.storage import decode_embeddings
+from mdcore.jsonio import parse_json, read_json_file
+from mdcore.names import REINFORCE_RUN, REINFORCED_CONFIG
+from reinforced_data.augment import AugmentationConfig, check_augmentation
+from reinforced_data.shards import (
+    IMAGE_EXTENSIONS,
+    MAX_JSON_MEMBER_BYTES,
+    SkipLog,
+    decode_sample,
+    iter_raw_samples,
+    parse_metadata,
+    resolve_shards,
+)
+from reinforced_data.storage import STORAGE_DTYPES, decode_embeddings
 
-__all__ = ["ReinforcedInfo", "read_info", "open_reinforced", "index_images", "parse_param_aug"]
+__all__ = ["ReinforcedInfo", "read_info", "open_reinforced", "index_images", "parse_param_aug",
+           "parse_synthetic_captions"]
 
 
 @dataclass
@@ -48,6 +59,12 @@ class ReinforcedInfo:
         return [int(t["dim"]) for t in self.teachers]
 
 
+MAX_TEACHER_DIM = 65536
+MAX_VIEWS = 1024  # stored augmentations per sample (DataCompDR: 30)
+MAX_CAPTIONS = 1024  # synthetic captions per sample (DataCompDR: 5)
+MAX_CAPTION_CHARS = 4096
+
+
 def _apple_teachers(config: dict[str, Any]) -> list[dict[str, Any]]:
     """DataCompDR's config names its teachers as comma-joined `model_name` and `pretrained` (two ViT-L-14 there)."""
     names = [n for n in str(config.get("model_name", "")).split(",") if n]
@@ -56,43 +73,119 @@ def _apple_teachers(config: dict[str, Any]) -> list[dict[str, Any]]:
     teachers = []
     for i, name in enumerate(names):
         tag = tags[i] if i < len(tags) else None
-        teachers.append({"spec": f"{name}@{tag}" if tag else name, "dim": dims[i] if dims else None,
+        dim = dims[i] if isinstance(dims, list) and i < len(dims) else None
+        teachers.append({"spec": f"{name}@{tag}" if tag else name, "dim": dim,
                          "logit_scale": 100.0})  # Apple's training scripts use 100 for both ViT-L-14 teachers
     return teachers
 
 
+def _check_config(config: dict[str, Any], teachers: list[Any], where: Path) -> None:
+    """What readers rely on in a reinforced dataset's config.json, checked before any of it is used."""
+    def bad(what: str):
+        return UserInputError(f"{where}: {what}")
+
+    if not isinstance(teachers, list) or not all(isinstance(t, dict) for t in teachers):
+        raise bad("teachers is not a list of objects")
+    for t in teachers:
+        dim, scale = t.get("dim"), t.get("logit_scale")
+        if not isinstance(t.get("spec"), str):
+            raise bad(f"a teacher's spec is not a string: {t.get('spec')!r}")
+        if dim is not None and not (type(dim) is int and 0 < dim <= MAX_TEACHER_DIM):
+            raise bad(f"teacher {t['spec']}'s dim {dim!r} is not an integer in [1, {MAX_TEACHER_DIM}]")
+        if not (isinstance(scale, (int, float)) and not isinstance(scale, bool) and 0 < scale < 1e6):
+            raise bad(f"teacher {t['spec']}'s logit_scale {scale!r} is not a positive number")
+    shards = config.get("shards", [])
+    if not isinstance(shards, list) or not all(isinstance(n, str) and n and "/" not in n and "\\" not in n
+                                               and n not in (".", "..") for n in shards):
+        raise bad("shards is not a list of shard file names in the dataset directory")
+    counts = (("num_augs", 1, MAX_VIEWS), ("num_samples", 1, MAX_VIEWS), ("num_captions", 0, MAX_CAPTIONS))
+    for key, low, high in counts:
+        value = config.get(key)
+        if value is not None and not (type(value) is int and low <= value <= high):
+            raise bad(f"{key} {value!r} is not an integer in [{low}, {high}]")
+    if config.get("dtype") is not None and config["dtype"] not in STORAGE_DTYPES:
+        raise bad(f"dtype {config['dtype']!r} is not one of {', '.join(STORAGE_DTYPES)}")
+    if not isinstance(config.get("reinforce", {}), dict) or not isinstance(
+            config.get("reinforce", {}).get("image_augmentation", {}), dict):
+        raise bad("reinforce.image_augmentation is not an object")
+
+
 def read_info(path: str | Path) -> ReinforcedInfo:
-    """Describe a reinforced dataset directory (or shard pattern) from its config.json."""
+    """Describe a reinforced dataset directory (or shard pattern) from its config.json, checked."""
     path_str = str(path)
     root = Path(path_str)
     config: dict[str, Any] = {}
+    config_path = root / REINFORCED_CONFIG
     if root.is_dir():
-        config_path = root / "config.json"
         if config_path.is_file():
-            try:
-                config = json.loads(config_path.read_text())
-            except json.JSONDecodeError as e:
-                raise UserInputError(f"{config_path} is not valid JSON") from e
-        elif (root / "reinforce_run.json").is_file():
+            config = read_json_file(config_path)
+        elif (root / REINFORCE_RUN).is_file():
             raise UserInputError(f"{root} is an unfinished reinforced dataset (run `reinforce` again to finish it)")
+    if config.get("format") == "mobiledistill":
+        teachers, fmt = config.get("teachers"), "mobiledistill"
+    else:
+        teachers, fmt = _apple_teachers(config), "datacompdr"
+    _check_config(config, teachers, config_path)
+    if root.is_dir():
         shards = [str(root / s) for s in config.get("shards", [])] or resolve_shards(root)
     else:
         shards = resolve_shards(path_str)
-    if config.get("format") == "mobiledistill":
-        teachers = config["teachers"]
-        fmt = "mobiledistill"
-    else:
-        teachers = _apple_teachers(config)
-        fmt = "datacompdr"
-    augmentation = AugmentationConfig.from_config(config.get("reinforce", {}).get("image_augmentation", {}))
+    try:
+        augmentation = AugmentationConfig.from_config(config.get("reinforce", {}).get("image_augmentation", {}))
+    except UserInputError as e:
+        raise UserInputError(f"{config_path}: {e}") from e
     return ReinforcedInfo(fmt, shards, teachers, config.get("num_augs", config.get("num_samples")),
                           config.get("num_captions"), config.get("dtype"), augmentation, config)
 
 
+def _json_member(raw: dict[str, Any], name: str) -> Any:
+    try:
+        return parse_json(raw[name], max_bytes=MAX_JSON_MEMBER_BYTES)
+    except ValueError as e:
+        raise ValueError(f"{name} is {e}") from e
+
+
 def parse_param_aug(member: bytes | str) -> list:
-    """`paug.json` -> the list of stored augmentations; `param_aug` may be a JSON string (Apple's shards) or a list."""
-    value = json.loads(member)["param_aug"]
-    return json.loads(value) if isinstance(value, str) else value
+    """`paug.json` -> the list of stored augmentations, each checked (`check_augmentation`); `param_aug` may be a
+    JSON string (Apple's shards) or a list. ValueError with the reason when malformed."""
+    record = _json_member({"paug.json": member}, "paug.json")
+    if not isinstance(record, dict) or "param_aug" not in record:
+        raise ValueError("paug.json is not an object with param_aug")
+    value = record["param_aug"]
+    if isinstance(value, str):
+        value = _json_member({"param_aug": value}, "param_aug")
+    if not isinstance(value, list) or len(value) > MAX_VIEWS:
+        raise ValueError(f"param_aug is not a list of at most {MAX_VIEWS} augmentations")
+    for params in value:
+        check_augmentation(params)
+    return value
+
+
+def parse_synthetic_captions(member: bytes | str) -> list[str]:
+    """`syn.json` -> its `syn_text` captions; ValueError when it is not an object holding a list of strings."""
+    record = _json_member({"syn.json": member}, "syn.json")
+    if not isinstance(record, dict):
+        raise ValueError("syn.json is not an object")
+    captions = record.get("syn_text", [])
+    if not isinstance(captions, list) or len(captions) > MAX_CAPTIONS or not all(
+            isinstance(c, str) and len(c) <= MAX_CAPTION_CHARS for c in captions):
+        raise ValueError(f"syn_text is not a list of at most {MAX_CAPTIONS} captions")
+    return captions
+
+
+def _check_embeddings(image_emb: np.ndarray, text_emb: np.ndarray, dims: list[int] | None, num_views: int,
+                      num_captions: int) -> None:
+    """What a sample's embeddings must be for its views and captions to use them (ValueError otherwise)."""
+    if image_emb.ndim != 2 or text_emb.ndim != 2 or image_emb.shape[1] != text_emb.shape[1]:
+        raise ValueError(f"embeddings of shapes {image_emb.shape} and {text_emb.shape} are not (rows, D) alike")
+    if dims is not None and image_emb.shape[1] != sum(dims):
+        raise ValueError(f"embedding dimension {image_emb.shape[1]} is not the teachers' {sum(dims)}")
+    if not len(image_emb) or num_views and num_views != len(image_emb):
+        raise ValueError(f"{num_views} stored augmentations but {len(image_emb)} image embedding rows")
+    if len(text_emb) < 1 + num_captions:
+        raise ValueError(f"{num_captions} synthetic captions but {len(text_emb)} text embedding rows")
+    if not (np.isfinite(image_emb).all() and np.isfinite(text_emb).all()):
+        raise ValueError("embeddings are not finite")
 
 
 def _embedding_member(raw: dict[str, Any]) -> tuple[str, bytes]:
@@ -133,25 +226,36 @@ def open_reinforced(path: str | Path, images: str | Path | Mapping[str, dict[str
             ext, blob = _embedding_member(raw)
             image_emb, text_emb = decode_embeddings(ext, blob, info.dims)
             param_aug = parse_param_aug(raw["paug.json"]) if "paug.json" in raw else []
-            syn = json.loads(raw["syn.json"]).get("syn_text", []) if "syn.json" in raw else []
-            meta = json.loads(raw["json"]) if "json" in raw else {}
-        except (ValueError, KeyError, json.JSONDecodeError) as e:
-            skips.skip_sample(key, f"malformed reinforced sample: {e}")
+            syn = parse_synthetic_captions(raw["syn.json"]) if "syn.json" in raw else []
+            _check_embeddings(image_emb, text_emb, info.dims, len(param_aug), len(syn))
+            meta = parse_metadata(raw["json"]) if "json" in raw else {}
+            caption = _caption(raw) if "txt" in raw else None
+        except ValueError as e:
+            skips.skip_sample(key, f"malformed reinforced sample: {e}", raw["__url__"])
             continue
         source = raw if any(e in raw for e in IMAGE_EXTENSIONS) else joined.get(key)
-        image, caption, image_bytes = None, None, b""
+        image, image_bytes = None, b""
         if source is not None and not decode_images:
-            caption = source["txt"].decode("utf-8", errors="replace").strip() if "txt" in source else None
+            try:
+                caption = _caption(source) if "txt" in source else caption
+            except ValueError as e:
+                skips.skip_sample(key, str(e), raw["__url__"])
+                continue
         elif source is not None:
             try:
                 decoded = decode_sample(source)
                 image, caption, image_bytes = decoded.image, decoded.caption, decoded.image_bytes
             except ValueError as e:
-                skips.skip_sample(key, str(e))
+                skips.skip_sample(key, str(e), raw["__url__"])
                 continue
-        elif "txt" in raw:
-            caption = raw["txt"].decode("utf-8").strip()
         yield {"key": key, "image": image, "caption": caption, "syn_captions": syn, "param_aug": param_aug,
                "image_emb": torch.from_numpy(image_emb), "text_emb": torch.from_numpy(text_emb),
                "image_bytes": image_bytes, "meta": meta,
                **({} if decode_images else {"image_source": source})}
+
+
+def _caption(raw: dict[str, Any]) -> str:
+    try:
+        return raw["txt"].decode("utf-8").strip()
+    except UnicodeDecodeError as e:
+        raise ValueError("caption is not UTF-8") from e

@@ -9,7 +9,6 @@ others still complete.
 """
 
 import io
-import json
 import re
 import tarfile
 from collections import Counter
@@ -21,9 +20,10 @@ from typing import Any
 import braceexpand
 import PIL.Image
 import webdataset as wds
-from webdataset.tariterators import group_by_keys, tar_file_iterator
+from webdataset.tariterators import base_plus_ext
 
-from mdcore.errors import UserInputError
+from mdcore.errors import UserInputError, first_line
+from mdcore.jsonio import parse_json
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -50,32 +50,70 @@ class ImageTextSample:
     meta: dict[str, Any] = field(default_factory=dict)  # the `json` member, when present
     image_bytes: bytes = b""
     image_ext: str = "png"
+    url: str = ""  # the shard it came from
 
 
 @dataclass
 class SkipLog:
-    """What was skipped and why: single samples (`samples`) and whole unreadable shards (`shards`)."""
+    """What was skipped and why: single samples (`samples`, each with its key, reason and shard) and whole
+    unreadable shards (`shards`). Counts are exact; the entries kept are bounded (`MAX_ENTRIES`), so a dataset
+    that is all bad cannot fill memory with its skip log."""
 
+    MAX_ENTRIES = 10_000
     samples: list[dict[str, str]] = field(default_factory=list)
     shards: list[dict[str, str]] = field(default_factory=list)
+    sample_count: int = 0
+    by_reason: Counter = field(default_factory=Counter)
+    by_shard: Counter = field(default_factory=Counter)
 
-    def skip_sample(self, key: str, reason: str) -> None:
-        self.samples.append({"key": key, "reason": reason})
+    def skip_sample(self, key: str, reason: str, shard: str | None = None) -> None:
+        self.sample_count += 1
+        self.by_reason[reason.split(":")[0]] += 1
+        self.by_shard[Path(shard).name if shard else "?"] += 1
+        if len(self.samples) < self.MAX_ENTRIES:
+            self.samples.append({"key": key, "reason": reason, **({"shard": shard} if shard else {})})
 
     def skip_shard(self, url: str, reason: str) -> None:
-        self.shards.append({"shard": url, "reason": reason})
+        if len(self.shards) < self.MAX_ENTRIES:
+            self.shards.append({"shard": url, "reason": reason})
+
+    def merge(self, other: "SkipLog | dict[str, Any]") -> "SkipLog":
+        """Add another log's records (a SkipLog or its `as_dict()`); records already here are not counted again
+        (processes that read the same shards report the same bad samples)."""
+        other = other if isinstance(other, dict) else other.as_dict()
+        seen = {(s["key"], s["reason"]) for s in self.samples}
+        for entry in other["examples"]:
+            if (entry["key"], entry["reason"]) not in seen:
+                self.skip_sample(entry["key"], entry["reason"], entry.get("shard"))
+        known = {s["shard"] for s in self.shards}
+        for entry in other["unreadable_shards"]:
+            if entry["shard"] not in known:
+                self.skip_shard(entry["shard"], entry["reason"])
+        return self
+
+    def __bool__(self) -> bool:
+        return bool(self.sample_count or self.shards)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON form commands write: counts by reason and by shard, the unreadable shards, the first entries."""
+        return {"summary": self.summary(), "samples": self.sample_count,
+                "by_reason": dict(sorted(self.by_reason.items())),
+                "by_shard": dict(sorted(self.by_shard.items(), key=lambda kv: _natural_key(kv[0]))),
+                "unreadable_shards": list(self.shards), "examples": list(self.samples)}
 
     def summary(self) -> str:
-        """One line: how many samples were skipped, by reason, and which shards could not be read."""
-        reasons = Counter(s["reason"].split(":")[0] for s in self.samples)
+        """One line: skipped samples by reason and by shard, and the shards that could not be read."""
         parts = []
-        if self.samples:
-            by_reason = ", ".join(f"{n} {reason}" for reason, n in sorted(reasons.items()))
-            parts.append(f"skipped {len(self.samples)} bad samples ({by_reason})")
+        if self.sample_count:
+            by_reason = ", ".join(f"{n} {reason}" for reason, n in sorted(self.by_reason.items()))
+            shards = sorted(self.by_shard.items(), key=lambda kv: _natural_key(kv[0]))
+            by_shard = ", ".join(f"{name}: {n}" for name, n in shards[:20]) + (", ..." if len(shards) > 20 else "")
+            parts.append(f"skipped {self.sample_count} bad samples ({by_reason}) in {len(shards)} shards "
+                         f"({by_shard})")
         if self.shards:
-            parts.append(f"{len(self.shards)} unreadable shards: " + ", ".join(s["shard"] for s in self.shards))
+            parts.append(f"{len(self.shards)} unreadable shards: " + ", ".join(
+                f"{s['shard']} ({s['reason']})" for s in self.shards[:20]) + (", ..." if len(self.shards) > 20 else ""))
         return "; ".join(parts) or "nothing skipped"
-
 
 
 def _natural_key(path: str) -> list:
@@ -121,22 +159,66 @@ def resolve_shards(data: str | Path, split: str | None = None) -> list[str]:
     return urls
 
 
+MAX_MEMBER_BYTES = 128 * 1024 * 1024  # a tar member larger than this is never read into memory
+MAX_IMAGE_PIXELS = 64 * 1024 * 1024  # decoded images above this (8K photos are 33M) are skipped, not allocated
+MAX_JSON_MEMBER_BYTES = 1024 * 1024  # metadata, stored augmentations and captions of one sample
+_META_MEMBER = re.compile(r"__[^/]*__($|/)")
+
+
+def _tar_members(stream, url: str) -> Iterator[tuple[str, bytes | None]]:
+    """(name, bytes) of each regular member in tar order; bytes None for a member over `MAX_MEMBER_BYTES`."""
+    with tarfile.open(fileobj=stream, mode="r|*") as tar:
+        for info in tar:
+            if not info.isreg() or _META_MEMBER.match(info.name):  # webdataset's __meta__ members
+                continue
+            if info.size > MAX_MEMBER_BYTES:
+                yield info.name, None
+            else:
+                yield info.name, tar.extractfile(info).read()
+            tar.members = []  # streaming: keep no index of what was read
+
+
+def _group_samples(members: Iterator[tuple[str, bytes | None]], url: str, skips: SkipLog
+                   ) -> Iterator[dict[str, Any]]:
+    """webdataset's grouping of consecutive members by key (`base_plus_ext`), where one bad sample (a duplicate
+    member, an oversized member) is skipped and recorded instead of ending its shard."""
+    sample: dict[str, Any] | None = None
+    problem = None
+
+    def finished():
+        if sample is not None and problem:
+            skips.skip_sample(sample["__key__"], problem, url)
+        return sample is not None and not problem and len(sample) > 2
+
+    for name, data in members:
+        key, suffix = base_plus_ext(name)
+        if key is None:
+            continue
+        suffix = suffix.lower()
+        if sample is None or key != sample["__key__"]:
+            if finished():
+                yield sample
+            sample, problem = {"__key__": key, "__url__": url}, None
+        if data is None:
+            problem = problem or f"member too large: .{suffix} over {MAX_MEMBER_BYTES} bytes"
+        elif suffix in sample:
+            problem = problem or f"duplicate member: .{suffix}"
+        else:
+            sample[suffix] = data
+    if finished():
+        yield sample
+
+
 def iter_raw_samples(urls: Iterable[str], skips: SkipLog | None = None) -> Iterator[dict[str, Any]]:
-    """Yield raw samples (`__key__`, `__url__`, and bytes per extension) shard by shard."""
+    """Yield raw samples (`__key__`, `__url__`, and bytes per extension) shard by shard; bad samples and unreadable
+    shards are recorded in `skips` and the others still come."""
     skips = skips if skips is not None else SkipLog()
     for url in urls:
         try:
             with open(url, "rb") as stream:
-                members = tar_file_iterator(stream)
-                yield from group_by_keys(_with_url(members, url))
-        except (OSError, tarfile.TarError, ValueError) as e:
-            skips.skip_shard(url, f"unreadable: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
-
-
-def _with_url(members: Iterator[dict[str, Any]], url: str) -> Iterator[dict[str, Any]]:
-    for member in members:
-        member["__url__"] = url
-        yield member
+                yield from _group_samples(_tar_members(stream, url), url, skips)
+        except (OSError, tarfile.TarError, EOFError, ValueError) as e:
+            skips.skip_shard(url, f"unreadable: {first_line(e)}")
 
 
 def is_safe_key(key: str) -> bool:
@@ -155,11 +237,15 @@ def decode_sample(raw: dict[str, Any]) -> ImageTextSample:
     if ext is None:
         raise ValueError("no image")
     try:
-        image = PIL.Image.open(io.BytesIO(raw[ext]))
-        image.load()
-        image = image.convert("RGB")
+        image = PIL.Image.open(io.BytesIO(raw[ext]))  # reads the header only
+        too_large = image.width * image.height > MAX_IMAGE_PIXELS
+        if not too_large:
+            image.load()
+            image = image.convert("RGB")
     except Exception as e:  # noqa: BLE001 - PIL raises many types for corrupt files
         raise ValueError(f"undecodable image: {type(e).__name__}") from e
+    if too_large:
+        raise ValueError(f"image too large: {image.width} x {image.height} pixels")
     if "txt" not in raw:
         raise ValueError("no caption")
     try:
@@ -174,13 +260,24 @@ def decode_sample(raw: dict[str, Any]) -> ImageTextSample:
             label = int(raw["cls"].decode().strip())
         except ValueError as e:
             raise ValueError("cls is not an integer") from e
-    meta = {}
-    if "json" in raw:
-        try:
-            meta = json.loads(raw["json"])
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError("json is malformed") from e
-    return ImageTextSample(key, image, caption, label, meta, raw[ext], ext)
+    meta = parse_metadata(raw["json"]) if "json" in raw else {}
+    return ImageTextSample(key, image, caption, label, meta, raw[ext], ext, raw.get("__url__", ""))
+
+
+def parse_metadata(member: bytes) -> dict[str, Any]:
+    """The `json` member of a sample: an object, whose `captions`, when present, is a non-empty list of strings (the
+    extra captions teacher training draws from); ValueError with the reason otherwise."""
+    try:
+        meta = parse_json(member, max_bytes=MAX_JSON_MEMBER_BYTES)
+    except ValueError as e:
+        raise ValueError(f"json is {e}") from e
+    if not isinstance(meta, dict):
+        raise ValueError("json is not an object")
+    captions = meta.get("captions")
+    if captions is not None and not (isinstance(captions, list) and captions and all(
+            isinstance(c, str) and c.strip() for c in captions)):
+        raise ValueError("json captions is not a list of captions")
+    return meta
 
 
 def iter_image_text(urls: Iterable[str], skips: SkipLog | None = None) -> Iterator[ImageTextSample]:
@@ -190,7 +287,7 @@ def iter_image_text(urls: Iterable[str], skips: SkipLog | None = None) -> Iterat
         try:
             yield decode_sample(raw)
         except ValueError as e:
-            skips.skip_sample(raw.get("__key__", "?"), str(e))
+            skips.skip_sample(raw.get("__key__", "?"), str(e), raw.get("__url__"))
 
 
 def open_tar_writer(path: str | Path) -> wds.TarWriter:

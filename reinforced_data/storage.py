@@ -7,12 +7,17 @@ teacher's precision (a shared scale would let the teacher with the largest entri
 
 import gzip
 import io
+import math
+import pickle
+import zipfile
+import zlib
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
-__all__ = ["STORAGE_DTYPES", "encode_embeddings", "decode_embeddings", "quantize_int8", "dequantize_int8"]
+__all__ = ["STORAGE_DTYPES", "MAX_EMBEDDING_BYTES", "encode_embeddings", "decode_embeddings", "stored_dtype",
+           "quantize_int8", "dequantize_int8"]
 
 STORAGE_DTYPES = ("fp32", "fp16", "bf16", "int8")
 
@@ -67,16 +72,79 @@ def encode_embeddings(image_emb: np.ndarray, text_emb: np.ndarray, dtype: str, d
     return "npz", buffer.getvalue()
 
 
-def decode_embeddings(ext: str, data: bytes, dims: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(image_emb, text_emb) as float32 from an `npz` or `pth.gz` member; int8 needs the teachers' `dims`."""
+MAX_EMBEDDING_BYTES = 64 * 1024 * 1024  # one sample's decoded embeddings (DataCompDR's: 30 x 1536 fp32, 184 KiB)
+
+
+def _gunzip_bounded(data: bytes, limit: int) -> bytes:
+    inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+    out = inflater.decompress(data, limit)
+    if inflater.unconsumed_tail:
+        raise ValueError(f"embeddings larger than {limit} bytes once decompressed")
+    return out
+
+
+def _npz_headers(data: bytes, limit: int) -> dict[str, np.dtype]:
+    """Each array's dtype, read from the headers alone; ValueError for an npz whose arrays would allocate more than
+    `limit` bytes or more than they hold, checked before numpy allocates anything."""
+    dtypes = {}
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        for info in archive.infolist():
+            if info.file_size > limit:
+                raise ValueError(f"embedding array {info.filename} larger than {limit} bytes")
+            with archive.open(info) as member:
+                version = np.lib.format.read_magic(member)
+                if version not in ((1, 0), (2, 0)):
+                    raise ValueError(f"embedding array {info.filename} has npy format {version}")
+                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                    np.lib.format.read_array_header_2_0
+                shape, _, dtype = read_header(member)
+                if dtype.hasobject:
+                    raise ValueError(f"embedding array {info.filename} holds Python objects")
+                if math.prod(shape) * dtype.itemsize > info.file_size:
+                    raise ValueError(f"embedding array {info.filename} claims more data than it holds")
+                dtypes[info.filename.removesuffix(".npy")] = dtype
+    return dtypes
+
+
+def stored_dtype(ext: str, data: bytes) -> str:
+    """The storage dtype (`STORAGE_DTYPES`) of an embeddings member, from its headers alone."""
     if ext == "pth.gz":
-        tensors = torch.load(io.BytesIO(gzip.decompress(data)), map_location="cpu", weights_only=True)
-        return tensors["image_emb"].float().numpy(), tensors["text_emb"].float().numpy()
-    with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
-        image, text = arrays["image_emb"], arrays["text_emb"]
-        if image.dtype == np.int8:
-            if dims is None:
-                raise ValueError("int8 embeddings need the teachers' dimensions to dequantize")
-            return (dequantize_int8(image, arrays["image_emb_scale"], dims),
-                    dequantize_int8(text, arrays["text_emb_scale"], dims))
-        return image.astype(np.float32), text.astype(np.float32)
+        return "bf16"
+    try:
+        dtype = _npz_headers(data, MAX_EMBEDDING_BYTES).get("image_emb")
+    except (OSError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"unreadable npz embeddings: {type(e).__name__}") from e
+    names = {np.dtype(np.float32): "fp32", np.dtype(np.float16): "fp16", np.dtype(np.int8): "int8"}
+    if dtype not in names:
+        raise ValueError(f"image_emb of dtype {dtype} is not a storage dtype")
+    return names[dtype]
+
+
+def decode_embeddings(ext: str, data: bytes, dims: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(image_emb, text_emb) as float32 from an `npz` or `pth.gz` member; int8 needs the teachers' `dims`.
+
+    Both are untrusted input: what they may allocate is bounded (`MAX_EMBEDDING_BYTES`) before it is allocated,
+    and anything malformed is a ValueError with the reason."""
+    try:
+        if ext == "pth.gz":
+            tensors = torch.load(io.BytesIO(_gunzip_bounded(data, MAX_EMBEDDING_BYTES)), map_location="cpu",
+                                 weights_only=True)
+            if not isinstance(tensors, dict) or not all(isinstance(tensors.get(k), torch.Tensor)
+                                                        for k in ("image_emb", "text_emb")):
+                raise ValueError("pth.gz does not hold image_emb and text_emb tensors")
+            return tensors["image_emb"].float().numpy(), tensors["text_emb"].float().numpy()
+        _npz_headers(data, MAX_EMBEDDING_BYTES)
+        with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+            image, text = arrays["image_emb"], arrays["text_emb"]
+            if image.dtype == np.int8:
+                if dims is None:
+                    raise ValueError("int8 embeddings need the teachers' dimensions to dequantize")
+                image_scale, text_scale = arrays["image_emb_scale"], arrays["text_emb_scale"]
+                for values, scale in ((image, image_scale), (text, text_scale)):
+                    if values.ndim != 2 or values.shape[1] != sum(dims) or scale.shape != (len(values), len(dims)):
+                        raise ValueError(f"int8 embeddings {values.shape} with scales {scale.shape} do not fit "
+                                         f"the teachers' dimensions {list(dims)}")
+                return dequantize_int8(image, image_scale, dims), dequantize_int8(text, text_scale, dims)
+            return image.astype(np.float32), text.astype(np.float32)
+    except (KeyError, OSError, EOFError, zlib.error, zipfile.BadZipFile, pickle.UnpicklingError, RuntimeError) as e:
+        raise ValueError(f"unreadable {ext} embeddings: {type(e).__name__}") from e

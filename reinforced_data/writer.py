@@ -26,6 +26,8 @@ from tqdm import tqdm
 
 from mdcore.atomic import hidden_temporary, write_json_atomic
 from mdcore.errors import UserInputError
+from mdcore.jsonio import read_json_file
+from mdcore.locks import hold_directory
 from reinforced_data.augment import (
     AugmentationConfig,
     augmentation_generator,
@@ -209,63 +211,75 @@ def reinforce(data: str, teachers: Sequence[str], out_dir: str | Path, config: R
         raise UserInputError(f"{out_dir} is already a finished reinforced dataset (delete it to redo)")
     urls = resolve_shards(data, split)
     state = PartialState()
-    ensemble = load_ensemble(teachers, device=state.device)  # bad specs fail before anything is written
-    caps = [load_captioner(c, device=state.device) for c in captioners]
-    signature = _run_signature(str(data), urls, teachers, captioners, config)
-    run_file = out_dir / _RUN_NAME
-    if state.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if run_file.is_file() and json.loads(run_file.read_text()) != signature:
-            raise UserInputError(f"{out_dir} holds an unfinished run with other arguments (delete it to start over)")
-        run_file.write_text(json.dumps(signature, indent=2))
-        for stale in out_dir.glob(".*.tmp-*"):  # left by a killed run; never taken for output
-            stale.unlink()
-    state.wait_for_everyone()
+    # One run at a time on out_dir: a second is refused at once, and temporaries are only ever removed by the
+    # run that owns the directory (those of a killed run, by the next one).
+    with hold_directory(out_dir, enabled=state.is_main_process):
+        if (out_dir / CONFIG_NAME).is_file():  # finished while this run waited to start
+            raise UserInputError(f"{out_dir} is already a finished reinforced dataset (delete it to redo)")
+        ensemble = load_ensemble(teachers, device=state.device)  # a bad spec fails before anything is written
+        caps = [load_captioner(c, device=state.device) for c in captioners]
+        signature = _run_signature(str(data), urls, teachers, captioners, config)
+        run_file = out_dir / _RUN_NAME
+        if state.is_main_process:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            if run_file.is_file() and read_json_file(run_file) != signature:
+                raise UserInputError(f"{out_dir} holds an unfinished run with other arguments (delete it to start "
+                                     "over)")
+            run_file.write_text(json.dumps(signature, indent=2))
+            for stale in out_dir.glob(".*.tmp-*"):  # left by a killed run; never taken for output
+                stale.unlink()
+        state.wait_for_everyone()
 
-    writer = _ShardWriter(ensemble, caps, config)
-    mine = [(n, url) for n, url in enumerate(urls) if n % state.num_processes == state.process_index]
-    todo = [(n, url) for n, url in mine if not (out_dir / _shard_name(n)).is_file()]
-    start = time.time()
-    with tqdm(desc=f"reinforce [{state.process_index}]", unit="sample", disable=not progress, dynamic_ncols=True,
-              position=state.process_index) as bar:
-        for n, url in todo:
-            _process_shard(url, out_dir / _shard_name(n), writer, bar)
-    state.wait_for_everyone()
+        writer = _ShardWriter(ensemble, caps, config)
+        mine = [(n, url) for n, url in enumerate(urls) if n % state.num_processes == state.process_index]
+        todo = [(n, url) for n, url in mine if not (out_dir / _shard_name(n)).is_file()]
+        start = time.time()
+        with tqdm(desc=f"reinforce [{state.process_index}]", unit="sample", disable=not progress, dynamic_ncols=True,
+                  position=state.process_index) as bar:
+            for n, url in todo:
+                _process_shard(url, out_dir / _shard_name(n), writer, bar)
+        state.wait_for_everyone()
 
-    if not state.is_main_process:
-        return {}
-    shard_stats = []
-    for n in range(len(urls)):
-        stats_path = (out_dir / _shard_name(n)).with_suffix(".stats.json")
-        shard_stats.append(json.loads(stats_path.read_text()))
-    samples = sum(s["samples"] for s in shard_stats)
-    nbytes = sum(s["bytes"] for s in shard_stats)
-    skipped = [s for st in shard_stats for s in st["skipped"]]
-    unreadable = [s for st in shard_stats for s in st["unreadable"]]
-    cfg = {
-        # DataCompDR's keys
-        "model_name": ",".join(str(t.spec) for t in ensemble.teachers),
-        "pretrained": ",".join(str(t.spec) for t in ensemble.teachers),
-        "num_samples": config.num_augs,
-        "reinforce": {"image_augmentation": config.augmentation.to_config()},
-        # ours
-        "format": "mobiledistill",
-        "teachers": [{"spec": str(t.spec), "dim": t.dim, "logit_scale": t.logit_scale} for t in ensemble.teachers],
-        "captioners": [str(c.spec) for c in caps],
-        "num_augs": config.num_augs,
-        "num_captions": config.num_captions,
-        "caption_sampling": {"top_p": config.top_p, "max_len": config.caption_max_len},
-        "dtype": config.dtype,
-        "seed": config.seed,
-        "store_images": config.store_images,
-        "source": str(data),
-        "shards": [_shard_name(n) for n in range(len(urls))],
-        "counts": {"samples": samples, "skipped": len(skipped), "unreadable_shards": len(unreadable),
-                   "bytes": nbytes, "bytes_per_sample": nbytes / max(1, samples)},
-        "skipped": skipped + [{"key": u["shard"], "reason": u["reason"]} for u in unreadable],
-        "wall_s": round(time.time() - start, 2),
-    }
-    write_json_atomic(out_dir / CONFIG_NAME, cfg)
-    run_file.unlink(missing_ok=True)
-    return cfg
+        if not state.is_main_process:
+            return {}
+        shard_stats = []
+        for n in range(len(urls)):
+            stats_path = (out_dir / _shard_name(n)).with_suffix(".stats.json")
+            shard_stats.append(read_json_file(stats_path))
+        samples = sum(s["samples"] for s in shard_stats)
+        nbytes = sum(s["bytes"] for s in shard_stats)
+        skipped = [s for st in shard_stats for s in st["skipped"]]
+        unreadable = [s for st in shard_stats for s in st["unreadable"]]
+        skips = SkipLog()
+        for entry in skipped:
+            skips.skip_sample(entry["key"], entry["reason"], entry.get("shard"))
+        for entry in unreadable:
+            skips.skip_shard(entry["shard"], entry["reason"])
+        cfg = {
+            # DataCompDR's keys
+            "model_name": ",".join(str(t.spec) for t in ensemble.teachers),
+            "pretrained": ",".join(str(t.spec) for t in ensemble.teachers),
+            "num_samples": config.num_augs,
+            "reinforce": {"image_augmentation": config.augmentation.to_config()},
+            # ours
+            "format": "mobiledistill",
+            "teachers": [{"spec": str(t.spec), "dim": t.dim, "logit_scale": t.logit_scale} for t in ensemble.teachers],
+            "captioners": [str(c.spec) for c in caps],
+            "num_augs": config.num_augs,
+            "num_captions": config.num_captions,
+            "caption_sampling": {"top_p": config.top_p, "max_len": config.caption_max_len},
+            "dtype": config.dtype,
+            "seed": config.seed,
+            "store_images": config.store_images,
+            "source": str(data),
+            "shards": [_shard_name(n) for n in range(len(urls))],
+            "counts": {"samples": samples, "skipped": len(skipped), "unreadable_shards": len(unreadable),
+                       "bytes": nbytes, "bytes_per_sample": nbytes / max(1, samples)},
+            "skipped": skipped + [{"key": u["shard"], "reason": u["reason"]} for u in unreadable],
+            "skips": skips.as_dict(),
+            "wall_s": round(time.time() - start, 2),
+        }
+        write_json_atomic(out_dir / CONFIG_NAME, cfg)
+        run_file.unlink(missing_ok=True)
+        return cfg
 

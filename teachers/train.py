@@ -235,7 +235,7 @@ def train_teacher(
                 loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
                 losses = {"contrastive_loss": loss}
             if not torch.isfinite(loss):
-                raise RuntimeError(f"loss is {loss.item()} at step {step}")
+                raise UserInputError(f"loss is {loss.item()} at step {step} (lower --lr, or check the data)")
             optimizer_step(accelerator, trainable, optimizer, scheduler, loss, config.grad_clip)
         with torch.no_grad():  # open_clip clamps the learned temperature at 100
             model.logit_scale.clamp_(0, math.log(100))
@@ -252,9 +252,7 @@ def train_teacher(
         "samples_seen": config.steps * config.batch_size,
         "wall_s": round(wall, 1),
         "final_loss": history[-1]["loss"],
-        "skipped": stream.skips.samples,
-        "unreadable_shards": stream.skips.shards,
-        "skip_summary": stream.skips.summary(),
+        "skips": stream.skips.as_dict(),
     }
     if accelerator.is_main_process:
         record = dict(provenance or {})

@@ -86,3 +86,17 @@ def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
         loaded = load_model(arch, warn_random=False)
         dirs[name] = save_model_dir(loaded.model, loaded.model_cfg, root / name, tokenizer=loaded.tokenizer)
     return dirs
+
+
+@pytest.fixture(scope="session")
+def one_teacher_reinforced(tmp_path_factory, tiny_model_dirs) -> Path:
+    """A small reinforced dataset (one teacher, two views, no captions) shared by the tests of the session."""
+    from reinforced_data.augment import AugmentationConfig
+    from reinforced_data.writer import ReinforceConfig, reinforce
+
+    root = write_shapes_root(tmp_path_factory.mktemp("data") / "shapes", per_pair=2, size=64)
+    out = tmp_path_factory.mktemp("dr") / "dr"
+    reinforce(str(root), [str(tiny_model_dirs["teacher_a"])], out,
+              ReinforceConfig(num_augs=2, num_captions=0, dtype="fp16",
+                              augmentation=AugmentationConfig(size=64, scale=(0.5, 1.0))), progress=False)
+    return out

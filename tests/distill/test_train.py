@@ -68,7 +68,7 @@ def test_bad_recipe_and_dimension_mismatch(reinforced, tmp_path):
     config["teachers"][0]["dim"] = 64
     config_path.write_text(json.dumps(config))
     try:
-        with pytest.raises(UserInputError, match="does not match"):
+        with pytest.raises(UserInputError, match="embedding dimension 256 is not the teachers' 192"):
             distill(str(reinforced), tmp_path / "run", load_recipe(None, ["steps=1"]), progress=False)
     finally:
         config_path.write_text(original)

@@ -13,8 +13,10 @@ import pytest
 import torch
 import webdataset as wds
 
+from distill.cli import main
 from distill.losses import ensemble_kd_loss
 from mdcore.errors import UserInputError
+from mdcore.locks import hold_directory
 from reinforced_data.augment import AugmentationConfig, replay_augmentation
 from reinforced_data.reader import open_reinforced, read_info
 from reinforced_data.storage import decode_embeddings, encode_embeddings
@@ -251,8 +253,30 @@ def test_killed_run_resumes_to_the_same_dataset(tiny_model_dirs, tmp_path):
     assert not (out / "config.json").exists() and len(finished_before) < 6
     rerun = _cli([sys.executable, "-m", "distill", *_reinforce_args(data, tiny_model_dirs, out)])
     assert rerun.wait(timeout=600) == 0, rerun.stderr.read()
-    assert not list(out.glob(".*tmp*"))
+    assert not list(out.glob(".*"))  # the killed run's temporaries removed by the run that took over
     assert _members(out) == _members(tmp_path / "ref")
+
+
+def test_a_second_run_on_a_directory_in_use_is_refused_and_the_first_completes(tiny_model_dirs, tmp_path, capsys):
+    data = write_shapes_root(tmp_path / "shapes", per_pair=3, train_shards=4)
+    out = tmp_path / "dr"
+    args = _reinforce_args(data, tiny_model_dirs, out)
+    with hold_directory(out):  # as another run would
+        assert main(args) == 2
+        assert "in use by another run" in capsys.readouterr().err
+        assert [p.name for p in out.iterdir()] == [".mobiledistill.lock"]  # nothing touched
+    first = _cli([sys.executable, "-m", "distill", *args])
+    lock = out / ".mobiledistill.lock"
+    deadline = time.time() + 300
+    while not (lock.is_file() and lock.read_text().strip()) and first.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    assert main(args) == 2  # started while the first one runs
+    err = capsys.readouterr().err
+    assert "in use by another run" in err and str(first.pid) in err
+    assert first.wait(timeout=600) == 0, first.stderr.read()
+    config = json.loads((out / "config.json").read_text())
+    assert config["counts"]["samples"] == 36 and len(list(out.glob("*.tar"))) == 4
+    assert not list(out.glob(".*"))  # no temporaries, no lock file
 
 
 @pytest.mark.parametrize("dtype, tolerance", [("fp32", 0.0), ("fp16", 1e-3), ("bf16", 1e-2), ("int8", 1e-2)])
