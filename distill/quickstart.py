@@ -15,7 +15,6 @@ directory to redo it; an interrupted distillation resumes from its last checkpoi
 7. `summary.json`, `report.html` and a table on stdout.
 """
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from mdcore.errors import UserInputError
+from mdcore.jsonio import read_json_file
 
 __all__ = ["QuickstartConfig", "quickstart", "format_summary"]
 
@@ -217,7 +217,7 @@ def _export(model_dir: Path, target: Path, data: Path, full: bool, coreml: bool,
 def _image_latency(bench_path: Path) -> float | None:
     if not bench_path.is_file():
         return None
-    rows = [r for r in json.loads(bench_path.read_text())["results"]
+    rows = [r for r in read_json_file(bench_path)["results"]
             if r.get("runtime") == "onnxruntime" and r.get("tower") == "image" and r.get("precision") == "fp32"
             and r.get("threads") == 1 and r.get("batch") == 1]
     return rows[0]["median_ms"] if rows else None
@@ -229,7 +229,7 @@ def _summary(out: Path, data: Path, splits: list[str], coreml_note: str | None, 
 
     rows = []
     for name, role in ROLES.items():
-        evaluation = json.loads((out / "eval" / f"{name}.test.json").read_text())
+        evaluation = read_json_file(out / "eval" / f"{name}.test.json")
         counts = parameter_counts(out / name)
         row = {"name": name, "role": role, "model_dir": str(out / name), "params": counts["params"],
                "image_params": counts["image_params"], "text_params": counts["text_params"],
@@ -238,7 +238,7 @@ def _summary(out: Path, data: Path, splits: list[str], coreml_note: str | None, 
                "text_to_image_R@1": evaluation["retrieval"]["text_to_image"]["R@1"],
                "image_latency_ms": _image_latency(out / "export" / name / "bench.json")}
         for split in splits[1:]:
-            other = json.loads((out / "eval" / f"{name}.{split}.json").read_text())
+            other = read_json_file(out / "eval" / f"{name}.{split}.json")
             row[f"{split}_top1"] = other["zeroshot"]["top1"]
         rows.append(row)
     by_name = {r["name"]: r for r in rows}
@@ -246,7 +246,7 @@ def _summary(out: Path, data: Path, splits: list[str], coreml_note: str | None, 
     for r in rows:
         r["speedup_vs_teacher_m"] = (teacher["image_latency_ms"] / r["image_latency_ms"]
                                      if r["image_latency_ms"] and teacher["image_latency_ms"] else None)
-    report = json.loads((out / "export" / "student" / "export_report.json").read_text())
+    report = read_json_file(out / "export" / "student" / "export_report.json")
     checks = {
         "student_minus_baseline_points": 100 * (student["top1"] - baseline["top1"]),
         "student_over_teacher_m_top1": student["top1"] / teacher["top1"] if teacher["top1"] else None,

@@ -6,15 +6,20 @@ run directory, so a run can be repeated from what it wrote.
 
 import copy
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from mdcore.errors import UserInputError
+from mdcore.configs import check_choice, check_range, check_types, matches_type, type_name
+from mdcore.errors import UserInputError, first_line
 
-__all__ = ["LossWeights", "PruneConfig", "DistillConfig", "load_recipe", "apply_overrides", "stage_config"]
+__all__ = ["LossWeights", "PruneConfig", "DistillConfig", "load_recipe", "apply_overrides", "stage_config",
+           "validate_recipe"]
+
+MAX_RECIPE_BYTES = 1024 * 1024
 
 
 @dataclass
@@ -90,26 +95,61 @@ def _set(config: Any, dotted: str, value: Any) -> None:
         for key, sub in value.items():
             _set(config, f"{dotted}.{key}", sub)
         return
-    current = getattr(target, leaf)
-    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if isinstance(current, float) and isinstance(value, str):  # YAML 1.1 reads `3e-4` (no dot) as a string
-        try:
+    hint = typing.get_type_hints(type(target))[leaf]
+    if hint is float or float in typing.get_args(hint):  # a float key
+        if isinstance(value, str):  # YAML 1.1 reads `3e-4` (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        except ValueError:
-            pass
-    if current is not None and value is not None and type(value) is not type(current):
-        raise UserInputError(f"recipe key {dotted!r} takes a {type(current).__name__}, got {value!r}")
+    if not matches_type(value, hint):
+        raise UserInputError(f"recipe key {dotted!r} takes {type_name(hint)}, got {value!r}")
     setattr(target, leaf, value)
 
 
 def apply_overrides(config: DistillConfig, overrides: list[str]) -> DistillConfig:
-    """Apply `key=value` strings (nested keys dotted: `loss.w_kd=0.5`)."""
+    """Apply `key=value` strings (nested keys dotted: `loss.w_kd=0.5`); values are read as YAML."""
     for item in overrides:
         if "=" not in item:
             raise UserInputError(f"override {item!r} is not key=value")
         key, value = item.split("=", 1)
-        _set(config, key.strip(), yaml.safe_load(value) if value.strip() else value)
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else value
+        except yaml.YAMLError as e:
+            raise UserInputError(f"override {item!r}: the value is not valid YAML ({first_line(e)})") from e
+        _set(config, key.strip(), parsed)
+    return config
+
+
+def validate_recipe(config: DistillConfig) -> DistillConfig:
+    """Every key's type (from the annotations) and range, checked before a run starts; returns `config`."""
+    check_types(config)
+    for name in ("steps", "batch_size", "grad_accum_steps", "log_every", "shuffle_buffer"):
+        check_range(name, getattr(config, name), 1)
+    for name in ("warmup_steps", "eval_every", "save_every"):
+        check_range(name, getattr(config, name), 0)
+    check_range("seed", config.seed, 0, 2**32 - 1)
+    check_range("lr", config.lr, 0, low_open=True)
+    check_range("weight_decay", config.weight_decay, 0)
+    check_range("grad_clip", config.grad_clip, 0)
+    check_choice("mixed_precision", config.mixed_precision, ("no", "fp16", "bf16"))
+    check_choice("aug_sampling", config.aug_sampling, ("random", "sequential"))
+    loss = config.loss
+    for name in ("w_clip", "w_kd", "w_affinity", "w_feature"):
+        check_range(f"loss.{name}", getattr(loss, name), 0)
+    check_range("loss.affinity_logit_scale", loss.affinity_logit_scale, 0, low_open=True)
+    check_range("loss.reference_teacher", loss.reference_teacher, 0)
+    prune = config.prune
+    check_range("prune.target_sparsity", prune.target_sparsity, 0, 0.99)
+    check_range("prune.start_sparsity", prune.start_sparsity, 0, 0.99)
+    check_choice("prune.count", prune.count, ("layers", "all"))
+    check_range("prune.warmup", prune.warmup, 0, 1)
+    check_range("prune.prune_at", prune.prune_at, 0, 1, low_open=True)
+    check_range("prune.mask_lr", prune.mask_lr, 0, low_open=True)
+    check_range("prune.lambda_lr", prune.lambda_lr, 0, low_open=True)
+    check_range("prune.init_log_alpha", prune.init_log_alpha, -20, 20)
     return config
 
 
@@ -120,17 +160,22 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> DistillCo
         path = Path(path)
         if not path.is_file():
             raise UserInputError(f"recipe not found: {path}")
+        if path.stat().st_size > MAX_RECIPE_BYTES:
+            raise UserInputError(f"{path} is larger than {MAX_RECIPE_BYTES} bytes: not a recipe")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise UserInputError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from e
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as e:
+            raise UserInputError(f"{path} is not UTF-8 text") from e
+        except (yaml.YAMLError, RecursionError) as e:
+            raise UserInputError(f"{path} is not valid YAML: {first_line(e)}") from e
         if not isinstance(data, dict):
             raise UserInputError(f"{path} must hold a mapping of recipe keys")
         for key, value in data.items():
             _set(config, key, value)
     config = apply_overrides(config, list(overrides))
+    validate_recipe(config)
     for index in range(len(config.stages)):  # a typo in a stage fails now, not hours later
-        stage_config(config, index)
+        validate_recipe(stage_config(config, index))
     return config
 
 

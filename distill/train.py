@@ -40,7 +40,7 @@ from distill.checkpoint import (
 from distill.inherit import inherit_weights
 from distill.losses import affinity_mimicking_loss, clip_loss, ensemble_kd_loss, feature_distillation_loss
 from distill.prune import attach_masks, counted_parameters, prune_model, source_pruning, tower_parameter_count
-from distill.recipe import DistillConfig
+from distill.recipe import DistillConfig, validate_recipe
 from mdcore.atomic import write_text_atomic
 from mdcore.errors import UserInputError
 from mdcore.jsonio import read_jsonl_file
@@ -304,6 +304,7 @@ def distill(data: str, run_dir: str | Path, config: DistillConfig, images: str |
     from accelerate import PartialState
 
     run_dir = Path(run_dir)
+    validate_recipe(config)  # a library caller's config gets the checks a recipe gets
     if (run_dir / CONFIG_NAME).is_file() and not resume:
         raise UserInputError(f"{run_dir} holds a finished run (delete it, pick another --out, or continue it with "
                              "--resume and more --steps)")
@@ -327,14 +328,10 @@ def _distill(data: str, run_dir: Path, config: DistillConfig, images: str | None
     from distill.evaluate import evaluate_model
 
     checkpoint = _resume_point(run_dir, config.steps) if resume else None
-    if config.steps <= 0 or config.batch_size <= 0:
-        raise UserInputError("steps and batch_size must be positive")
     if config.student_from and config.inherit_from:
         raise UserInputError("give either student_from (a copy of a model) or inherit_from (a slice into --student)")
     if config.prune.target_sparsity > 0 and not config.student_from:
         raise UserInputError("a target sparsity needs --student-from (the model whose copy is masked and pruned)")
-    if config.aug_sampling not in ("random", "sequential"):
-        raise UserInputError("aug_sampling must be 'random' or 'sequential'")
     plain_urls = _plain_image_text_shards(data)
     if plain_urls and not config.online_teachers:
         raise UserInputError(f"{data} is image-text data without teacher embeddings: write a reinforced dataset "

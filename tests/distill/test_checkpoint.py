@@ -220,3 +220,20 @@ def test_a_run_without_a_checkpoint_of_its_last_step_is_not_continued(one_teache
     with pytest.raises(UserInputError, match="without a checkpoint"):
         distill(str(one_teacher_reinforced), run, load_recipe(None, ["steps=3", *overrides]), resume=True,
                 progress=False)
+
+
+def test_a_kill_mid_checkpoint_resumes_from_the_one_before_and_cleans_up(one_teacher_reinforced, tmp_path):
+    overrides = ["steps=2", "batch_size=8", "warmup_steps=1", "log_every=1", "save_every=1"]
+    reference = tmp_path / "reference"
+    distill(str(one_teacher_reinforced), reference, load_recipe(None, overrides), progress=False)
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    _unfinish(run, keep_step=1)
+    partial = run / "checkpoints" / "step_2"  # killed while saving step 2: no step.json yet
+    partial.mkdir()
+    (partial / "modules.safetensors").write_bytes(b"half a file")
+    (run / ".log.jsonl.tmp-4242").write_text('{"step": 0')
+    distill(str(one_teacher_reinforced), run, load_recipe(None, overrides), resume=True, progress=False)
+    assert not list(run.rglob(".*.tmp-*")) and (partial / "step.json").is_file()
+    ours, theirs = (load_file(str(d / "open_clip_model.safetensors")) for d in (run, reference))
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)

@@ -60,7 +60,7 @@ def test_bad_recipe_and_dimension_mismatch(reinforced, tmp_path):
     with pytest.raises(UserInputError, match="unknown recipe key"):
         load_recipe(None, ["loss.w_kdd=1"])
     assert load_recipe(None, ["lr=3e-4"]).lr == 3e-4  # YAML reads 3e-4 as a string
-    with pytest.raises(UserInputError, match="takes a float"):
+    with pytest.raises(UserInputError, match="takes float"):
         load_recipe(None, ["lr=fast"])
     config_path = reinforced / "config.json"
     original = config_path.read_text()

