@@ -98,7 +98,8 @@ def _cmd_teachers_train(args: argparse.Namespace) -> int:
     from teachers import TeacherTrainConfig, load_model, train_teacher, update_provenance
 
     config = TeacherTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                                warmup_steps=args.warmup_steps, seed=args.seed, mixed_precision=args.mixed_precision)
+                                warmup_steps=args.warmup_steps, seed=args.seed, mixed_precision=args.mixed_precision,
+                                num_workers=args.num_workers)
     if args.unlock_text:
         config.lock_text = False
     summary = train_teacher(args.arch, args.data, args.out, config, split=args.split,
@@ -146,7 +147,7 @@ def _cmd_reinforce(args: argparse.Namespace) -> int:
                                       scale=(args.crop_scale_min, 1.0), rand_augment=not args.no_rand_augment)
     config = ReinforceConfig(num_augs=args.num_augs, num_captions=args.num_captions, dtype=args.dtype, seed=args.seed,
                              batch_size=args.batch_size, store_images=not args.embeddings_only,
-                             augmentation=augmentation)
+                             augmentation=augmentation, num_workers=args.num_workers)
     result = reinforce(args.data, args.teacher, args.out, config, captioners=args.captioner or [], split=args.split)
     if result:  # only the main process writes the summary
         counts = result["counts"]
@@ -188,7 +189,8 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     for key, value in (("student", args.student), ("inherit_from", args.inherit_from), ("steps", args.steps),
                        ("save_every", args.save_every), ("batch_size", args.batch_size),
-                       ("student_from", args.student_from), ("prune.target_sparsity", args.target_sparsity)):
+                       ("student_from", args.student_from), ("prune.target_sparsity", args.target_sparsity),
+                       ("num_workers", args.num_workers)):
         if value is not None:
             overrides.append(f"{key}={value}")
     config = load_recipe(args.config, overrides)
@@ -274,6 +276,9 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------------------- parser
 
 
+_WORKERS_HELP = "data workers per process, decoding and augmenting (default: the cores per process less one; 0: none)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mobiledistill", description="Distill big image-text models into small, fast ones.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -307,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="split of a dataset root to evaluate on afterwards ('none' skips it)")
     train.add_argument("--unlock-text", action="store_true", help="also train a pretrained Hugging Face text tower")
     train.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
+    train.add_argument("--num-workers", type=int, default=None, help=_WORKERS_HELP)
     train.set_defaults(func=_cmd_teachers_train, paths=_Paths(("data", "arch"), (("out", "--out"),)))
 
     ev = commands.add_parser("eval", help="zero-shot classification and retrieval on a dataset root's split")
@@ -334,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     rf.add_argument("--crop-scale-min", type=float, default=0.08, help="RandomResizedCrop's smallest area fraction")
     rf.add_argument("--no-rand-augment", action="store_true", help="crops only")
     rf.add_argument("--embeddings-only", action="store_true", help="do not copy images (join them by key later)")
+    rf.add_argument("--num-workers", type=int, default=None, help=_WORKERS_HELP)
     rf.set_defaults(func=_cmd_reinforce, paths=_Paths(("data", "teacher", "captioner"), (("out", "--out"),)))
 
     ins = commands.add_parser("inspect", help="summarize a reinforced dataset (ours or Apple's DataCompDR)")
@@ -365,6 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--batch-size", type=int, default=None)
     ds.add_argument("--save-every", type=int, default=None, help="save_state checkpoint every N steps")
     ds.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    ds.add_argument("--num-workers", type=int, default=None, help=_WORKERS_HELP + " (recipe key num_workers)")
     ds.add_argument("overrides", nargs="*", help="recipe overrides, key=value (e.g. loss.w_kd=0.5)")
     ds.set_defaults(func=_cmd_distill, paths=_Paths(
         ("data", "images", "student", "inherit_from", "online_teacher", "student_from", "config"), (("out", "--out"),)))

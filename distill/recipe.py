@@ -73,7 +73,8 @@ class DistillConfig:
     eval_split: str = "test"
     save_every: int = 0
     log_every: int = 10
-    shuffle_buffer: int = 2000
+    shuffle_buffer: int = 2000  # samples held for shuffling, per process (split among its data workers)
+    num_workers: int | None = None  # data workers per process (None: the cores per process less one; 0: in-process)
     loss: LossWeights = field(default_factory=LossWeights)
     prune: PruneConfig = field(default_factory=PruneConfig)
     stages: list[dict] = field(default_factory=list)  # progressive runs: each entry overrides keys for one stage
@@ -131,6 +132,7 @@ def validate_recipe(config: DistillConfig) -> DistillConfig:
     for name in ("warmup_steps", "eval_every", "save_every"):
         check_range(name, getattr(config, name), 0)
     check_range("seed", config.seed, 0, 2**32 - 1)
+    check_range("num_workers", config.num_workers, 0, 64)
     check_range("lr", config.lr, 0, low_open=True)
     check_range("weight_decay", config.weight_decay, 0)
     check_range("grad_clip", config.grad_clip, 0)

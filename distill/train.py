@@ -13,12 +13,11 @@ skips the batches already consumed, and a run on W processes gives the losses of
 global batch (the losses contrast each process's rows against the gathered global batch).
 """
 
-import itertools
 import json
 import math
-import random
 import shutil
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -46,14 +45,11 @@ from mdcore.errors import UserInputError
 from mdcore.jsonio import read_jsonl_file
 from mdcore.locks import hold_directory, holds_nothing, remove_temporaries
 from mdcore.names import CHECKPOINTS
-from reinforced_data.augment import (
-    AugmentationConfig,
-    augmentation_generator,
-    replay_augmentation,
-    sample_augmentation,
-)
-from reinforced_data.reader import index_images, open_reinforced, read_info
-from reinforced_data.shards import IMAGE_EXTENSIONS, SkipLog, decode_sample, iter_raw_samples, resolve_shards
+from reinforced_data.augment import AugmentationConfig
+from reinforced_data.examples import DistillExamples, ImageTextSource, ReinforcedSource
+from reinforced_data.pipeline import Batch, ExampleStream, StreamTracker, default_num_workers, make_loader
+from reinforced_data.reader import image_shard_index, read_info, reinforced_records
+from reinforced_data.shards import SkipLog, iter_raw_samples, resolve_shards
 from teachers.model_dir import CONFIG_NAME, read_provenance, write_model_files
 from teachers.specs import load_model
 from teachers.train import (
@@ -65,104 +61,6 @@ from teachers.train import (
 )
 
 __all__ = ["distill", "compute_losses", "text_encoder"]
-
-
-class _TrainingStream(torch.utils.data.IterableDataset):
-    """Endless training examples: a shuffled global order that every process computes alike.
-
-    Sample n of the global order (epochs one after another) belongs to the process owning its position in the
-    global batch, so with W processes of b samples each, process r's batch g is positions [r*b, (r+1)*b) of the
-    one-process run's batch g: the same global batches whatever W. Per-sample choices (which stored augmentation,
-    which synthetic caption) come from (seed, epoch, key). Images are decoded only by the process that uses them.
-    """
-
-    def __init__(self, samples, augmentation: AugmentationConfig, size: int, mean, std, config: DistillConfig,
-                 rank: int, world: int, local_batch: int, teacher_views: bool):
-        super().__init__()
-        self.samples, self.augmentation, self.size = samples, augmentation, size
-        self.mean = torch.tensor(mean).view(3, 1, 1)
-        self.std = torch.tensor(std).view(3, 1, 1)
-        self.config, self.rank, self.world, self.local_batch = config, rank, world, local_batch
-        self.teacher_views = teacher_views
-        self.skips = SkipLog()  # what the first epoch could not use (later epochs skip the same samples again)
-
-    def __iter__(self):
-        cfg = self.config
-        global_batch = self.local_batch * self.world
-        position = 0
-        for epoch in itertools.count():
-            order = random.Random(f"{cfg.seed}/{epoch}")
-            seen = 0
-            skips = self.skips if epoch == 0 else SkipLog()
-            for sample in _shuffle_buffer(self.samples(skips), order, cfg.shuffle_buffer):
-                seen += 1
-                owner = (position % global_batch) // self.local_batch
-                position += 1
-                if owner == self.rank:
-                    example = self._example(sample, epoch, skips)
-                    if example is not None:
-                        yield example
-            if seen == 0:
-                raise UserInputError("the training data has no samples with images (for an embeddings-only "
-                                     "dataset pass the image shards with --images)")
-
-    def _example(self, sample: dict[str, Any], epoch: int, skips: SkipLog):
-        cfg = self.config
-        choice = random.Random(f"{cfg.seed}/{epoch}/{sample['key']}")
-        try:
-            decoded = decode_sample(sample["image_source"])
-            stored = sample["param_aug"]
-            if stored:
-                k = choice.randrange(len(stored)) if cfg.aug_sampling == "random" else epoch % len(stored)
-                params = stored[k]
-            else:  # plain image-text data (online teachers): a fresh augmentation per epoch
-                k = 0
-                generator = augmentation_generator(cfg.seed * 1_000_003 + epoch, sample["key"])
-                params = sample_augmentation(*decoded.image.size, self.augmentation, generator)
-            view = replay_augmentation(decoded.image, params, self.augmentation, size=self.size)
-            teacher_view = replay_augmentation(decoded.image, params, self.augmentation) if self.teacher_views \
-                else torch.zeros(0)
-        except ValueError as e:  # an undecodable image, a stored crop outside it, ...
-            skips.skip_sample(sample["key"], str(e), sample["image_source"].get("__url__"))
-            return None
-        view = (view - self.mean) / self.std  # (3, S, S)
-        syn = sample["syn_captions"]
-        j = choice.randrange(len(syn)) if syn else -1
-        if sample["image_emb"] is not None:
-            t_image, t_real = sample["image_emb"][k], sample["text_emb"][0]
-            t_syn = sample["text_emb"][1 + j] if syn else torch.zeros_like(t_real)
-        else:
-            t_image = t_real = t_syn = torch.zeros(0)
-        return view, teacher_view, decoded.caption, syn[j] if syn else "", t_image, t_real, t_syn
-
-
-def _shuffle_buffer(samples, rng: random.Random, size: int):
-    """webdataset-style shuffling: keep `size` samples, emit a random one as each new one arrives."""
-    pool = []
-    for sample in samples:
-        pool.append(sample)
-        if len(pool) >= size:
-            yield pool.pop(rng.randrange(len(pool)))
-    rng.shuffle(pool)
-    yield from reversed(pool)
-
-
-def _image_text_samples(urls: list[str]):
-    """Plain image-text shards as training samples without stored augmentations or embeddings."""
-    def samples(skips: SkipLog):
-        for raw in iter_raw_samples(urls, skips):
-            if any(ext in raw for ext in IMAGE_EXTENSIONS):
-                yield {"key": raw["__key__"], "image_source": raw, "param_aug": [], "syn_captions": [],
-                       "image_emb": None, "text_emb": None}
-    return samples
-
-
-def _reinforced_samples(path: str, image_index):
-    def samples(skips: SkipLog):
-        for sample in open_reinforced(path, image_index, skips, decode_images=False):
-            if sample["image_source"] is not None:
-                yield sample
-    return samples
 
 
 def _plain_image_text_shards(data: str | Path) -> list[str] | None:
@@ -195,21 +93,21 @@ def text_encoder(model: nn.Module, tokenizer, locked_cache: LockedTextCache | No
     return lambda texts: model.encode_text(tokenizer(texts).to(model.logit_scale.device), normalize=True)
 
 
-def compute_losses(model: nn.Module, batch, encode_text, config: DistillConfig, dims: list[int],
+def compute_losses(model: nn.Module, batch: Batch, encode_text, config: DistillConfig, dims: list[int],
                    teacher_scales: list[float], projection: nn.Module | None) -> dict[str, torch.Tensor]:
-    """Named loss terms of one batch; keys ending in `_loss` are summed into the objective.
+    """Named loss terms of one batch (on the model's device; the teachers' embeddings in `batch.image_emb`,
+    `text_emb`, `syn_emb`); keys ending in `_loss` are summed into the objective.
 
     `encode_text` maps a list of texts to the student's normalized text features (`text_encoder`)."""
-    images, real, syn, t_image, t_real, t_syn = batch
+    real, syn = batch.captions, batch.syn_captions
     w = config.loss
     use_syn = w.use_synthetic and all(syn)
     texts = list(real) + (list(syn) if use_syn else [])
-    device = images.device
-    image_features = model.encode_image(images, normalize=True)  # (B, D)
+    image_features = model.encode_image(batch.images, normalize=True)  # (B, D)
     text_features = encode_text(texts)  # (B or 2B, D)
     real_features, syn_features = text_features[:len(real)], text_features[len(real):]
     scale = model.logit_scale.exp()
-    t_image, t_real, t_syn = (t.to(device).float().split(dims, dim=-1) for t in (t_image, t_real, t_syn))
+    t_image, t_real, t_syn = (t.float().split(dims, dim=-1) for t in (batch.image_emb, batch.text_emb, batch.syn_emb))
     terms: dict[str, torch.Tensor] = {}
     pairs = [("real", real_features, t_real)] + ([("syn", syn_features, t_syn)] if use_syn else [])
     for name, features, teacher_text in pairs:
@@ -252,6 +150,16 @@ def _plot_curves(rows: list[dict[str, float]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _batches(loader, tracker: StreamTracker):
+    """The loader's batches, each noted by `tracker` (worker positions, skips, bytes); a worker's last, empty
+    report is noted and passed over. Running dry means no shard held a usable sample."""
+    for batch in loader:
+        tracker.update(batch)
+        if len(batch):
+            yield batch
+    raise UserInputError(f"the training data has no usable samples ({tracker.skips.summary()})")
 
 
 def _resume_point(run_dir: Path, steps: int) -> Path | None:
@@ -337,13 +245,13 @@ def _distill(data: str, run_dir: Path, config: DistillConfig, images: str | None
         raise UserInputError(f"{data} is image-text data without teacher embeddings: write a reinforced dataset "
                              "with `mobiledistill reinforce`, or give --online-teacher SPEC")
     info = None if plain_urls else read_info(data)
-    image_index = index_images(images) if images and info is not None else None
+    image_shards = image_shard_index(images) if images and info is not None else None
     if info is not None and not config.online_teachers:
         dims = info.dims
         if dims is None:
             raise UserInputError(f"{data}: config.json does not give the teachers' dimensions")
         skips = SkipLog()
-        if next(iter(open_reinforced(data, image_index, skips, decode_images=False)), None) is None:
+        if next(reinforced_records(info, info.shards, skips, image_shards), None) is None:
             reason = skips.samples[0]["reason"] if skips.samples else skips.summary()
             raise UserInputError(f"no readable samples in {data} (the first: {reason})")
         teacher_scales = [float(t["logit_scale"]) for t in info.teachers]
@@ -370,10 +278,11 @@ def _distill(data: str, run_dir: Path, config: DistillConfig, images: str | None
     else:
         teacher_records = info.teachers
     if info is not None:
-        augmentation, samples = info.augmentation, _reinforced_samples(str(data), image_index)
+        augmentation, urls = info.augmentation, info.shards
+        source = ReinforcedSource(info, image_shards, config.seed, config.aug_sampling, embeddings=ensemble is None)
     else:  # views at the largest input size among the teachers and the student, each model resizing its own
         largest = max([size, *(t.image_size[0] for t in ensemble.teachers)])
-        augmentation, samples = AugmentationConfig(size=largest), _image_text_samples(plain_urls)
+        augmentation, urls, source = AugmentationConfig(size=largest), plain_urls, ImageTextSource()
     inheritance = None
     if config.inherit_from:
         teacher_model = load_model(config.inherit_from, warn_random=False).model
@@ -427,14 +336,18 @@ def _distill(data: str, run_dir: Path, config: DistillConfig, images: str | None
         accelerator.init_trackers("tensorboard")
 
     per_process = config.batch_size // accelerator.num_processes
-    stream = _TrainingStream(samples, augmentation, size, loaded.preprocess_cfg["mean"], loaded.preprocess_cfg["std"],
-                             config, accelerator.process_index, accelerator.num_processes, per_process,
-                             teacher_views=ensemble is not None)
-    # Its own generator: creating an iterator draws a seed, which must not shift the global random state that a
-    # resumed run has just restored (the pruning masks sample from it).
-    loader = torch.utils.data.DataLoader(stream, batch_size=per_process, num_workers=0,
-                                         generator=torch.Generator().manual_seed(config.seed))
-    batches = itertools.islice(iter(loader), start_step * config.grad_accum_steps, None)
+    workers = default_num_workers() if config.num_workers is None else config.num_workers
+    resumed_data = state.extra.get("data") if start_step else None
+    if resumed_data and resumed_data.get("workers") != max(1, workers) and accelerator.is_main_process:
+        warnings.warn(f"{run_dir} was saved with {resumed_data.get('workers')} data workers and resumes with "
+                      f"{max(1, workers)}: the data order from here differs from the uninterrupted run's", stacklevel=2)
+    examples = DistillExamples(augmentation, size, loaded.preprocess_cfg["mean"], loaded.preprocess_cfg["std"],
+                               config.seed, teacher_views=ensemble is not None)
+    stream = ExampleStream(urls, source, examples, per_process, config.seed, config.shuffle_buffer,
+                           accelerator.process_index, accelerator.num_processes, workers, resumed_data)
+    tracker = StreamTracker(workers, resumed_data)
+    batches = _batches(make_loader(stream, workers, config.seed, pin_memory=accelerator.device.type == "cuda"),
+                       tracker)
 
     eval_root = config.eval_data or (info.config.get("source") if info is not None else str(data))
     can_eval = bool(eval_root) and Path(eval_root, config.eval_split).is_dir()
@@ -449,10 +362,10 @@ def _distill(data: str, run_dir: Path, config: DistillConfig, images: str | None
     for step in bar:
         for _ in range(config.grad_accum_steps):
             with accelerator.accumulate(model):
-                views, teacher_views, real, syn, t_image, t_real, t_syn = next(batches)
+                batch = next(batches).to(accelerator.device)
                 if ensemble is not None:
-                    t_image, t_real, t_syn = _online_teacher_embeddings(ensemble, teacher_views, real, syn)
-                batch = [views.to(accelerator.device), real, syn, t_image, t_real, t_syn]
+                    batch.image_emb, batch.text_emb, batch.syn_emb = _online_teacher_embeddings(
+                        ensemble, batch.teacher_images, batch.captions, batch.syn_captions)
                 if masks is not None:
                     masks.apply(unwrapped, masks.sample())
                 terms = compute_losses(unwrapped, batch, encode_text, config, dims, teacher_scales, projection)
@@ -490,16 +403,19 @@ def _distill(data: str, run_dir: Path, config: DistillConfig, images: str | None
         if config.save_every and (done % config.save_every == 0 or done == config.steps):
             if accelerator.is_main_process:  # the log first: a checkpoint never runs ahead of its log
                 _write_log(log_path, rows)
-            save_checkpoint(run_dir / "checkpoints" / f"step_{done}", state, done, accelerator)
+            state.extra["data"] = tracker.state()  # where each data worker stands: the resumed stream goes on there
+            save_checkpoint(run_dir / CHECKPOINTS / f"step_{done}", state, done, accelerator)
     accelerator.wait_for_everyone()
     accelerator.end_training()
 
     skips = SkipLog()
-    for other in gather_object([stream.skips.as_dict()]):  # each process decoded its own samples
+    for other in gather_object([tracker.skips.as_dict()]):  # each process read its own shards
         skips.merge(other)
+    bytes_per_process = gather_object([tracker.bytes_read])
     summary: dict[str, Any] = {"steps": config.steps, "wall_s": round(time.time() - start, 1),
                                "final_loss": rows[-1]["loss"], "resumed_from": start_step,
-                               "skipped_samples": skips.sample_count, "skips": skips.as_dict()}
+                               "skipped_samples": skips.sample_count, "skips": skips.as_dict(),
+                               "data": {"num_workers": workers, "bytes_read_per_process": bytes_per_process}}
     if masks is not None:  # the prune step: deterministic masks, weights sliced, masks gone
         unwrapped, loaded.model_cfg, pruning = prune_model(unwrapped, loaded.model_cfg, masks)
         loaded.model = unwrapped

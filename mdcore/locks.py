@@ -3,7 +3,8 @@ exits, however it exits.
 
 A second run on a directory in use is refused at once, in one line, with the holder's process id; it never waits
 and never touches the first run's files. A killed run leaves its lock file behind, unlocked, so the next run takes
-the directory over (and cleans up the temporaries the killed run left).
+the directory over (and cleans up the temporaries the killed run left). The lock is a POSIX record lock, held by one
+process: another process is refused, the holder itself is not (one process runs one command at a time).
 """
 
 import contextlib
@@ -36,8 +37,10 @@ def hold_directory(directory: str | Path, enabled: bool = True) -> Iterator[Path
     failed = True
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            # A POSIX record lock belongs to this process alone: unlike flock's, it is not shared with the children
+            # this process forks (DataLoader workers), so it goes when this process goes, however it goes.
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except (BlockingIOError, PermissionError):
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             raise UserInputError(f"{directory} is in use by another run (process {holder}); wait for it to finish "
                                  "or pick another --out") from None

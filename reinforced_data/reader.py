@@ -11,7 +11,8 @@ Apple's shards hold no images or captions (they are in the DataComp shards of th
 from config.json.
 """
 
-from collections.abc import Iterator, Mapping
+from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,9 +21,10 @@ import numpy as np
 import torch
 
 from mdcore.errors import UserInputError
-from mdcore.jsonio import parse_json, read_json_file
+from mdcore.jsonio import MAX_JSON_BYTES, parse_json, read_json_file
 from mdcore.names import REINFORCE_RUN, REINFORCED_CONFIG
 from reinforced_data.augment import AugmentationConfig, check_augmentation
+from reinforced_data.locations import basename, is_url, join, location_exists, read_bytes
 from reinforced_data.shards import (
     IMAGE_EXTENSIONS,
     MAX_JSON_MEMBER_BYTES,
@@ -34,8 +36,8 @@ from reinforced_data.shards import (
 )
 from reinforced_data.storage import STORAGE_DTYPES, decode_embeddings
 
-__all__ = ["ReinforcedInfo", "read_info", "open_reinforced", "index_images", "parse_param_aug",
-           "parse_synthetic_captions"]
+__all__ = ["ReinforcedInfo", "read_info", "open_reinforced", "reinforced_records", "parse_reinforced",
+           "image_shard_index", "join_images", "parse_param_aug", "parse_synthetic_captions"]
 
 
 @dataclass
@@ -79,7 +81,7 @@ def _apple_teachers(config: dict[str, Any]) -> list[dict[str, Any]]:
     return teachers
 
 
-def _check_config(config: dict[str, Any], teachers: list[Any], where: Path) -> None:
+def _check_config(config: dict[str, Any], teachers: list[Any], where: str) -> None:
     """What readers rely on in a reinforced dataset's config.json, checked before any of it is used."""
     def bad(what: str):
         return UserInputError(f"{where}: {what}")
@@ -113,21 +115,31 @@ def _check_config(config: dict[str, Any], teachers: list[Any], where: Path) -> N
 def read_info(path: str | Path) -> ReinforcedInfo:
     """Describe a reinforced dataset directory (or shard pattern) from its config.json, checked."""
     path_str = str(path)
-    root = Path(path_str)
+    remote = is_url(path_str)
+    directory = remote and "{" not in path_str and not path_str.rstrip("/").endswith(".tar") or (
+        not remote and Path(path_str).is_dir())
     config: dict[str, Any] = {}
-    config_path = root / REINFORCED_CONFIG
-    if root.is_dir():
-        if config_path.is_file():
+    config_path = join(path_str, REINFORCED_CONFIG)
+    if directory and not remote:
+        if Path(config_path).is_file():
             config = read_json_file(config_path)
-        elif (root / REINFORCE_RUN).is_file():
-            raise UserInputError(f"{root} is an unfinished reinforced dataset (run `reinforce` again to finish it)")
+        elif Path(path_str, REINFORCE_RUN).is_file():
+            raise UserInputError(f"{path_str} is an unfinished reinforced dataset (run `reinforce` again to finish "
+                                 "it)")
+    elif directory and location_exists(config_path):
+        try:
+            config = parse_json(read_bytes(config_path, MAX_JSON_BYTES))
+        except ValueError as e:
+            raise UserInputError(f"{config_path} is {e}") from e
+        if not isinstance(config, dict):
+            raise UserInputError(f"{config_path} does not hold a JSON object")
     if config.get("format") == "mobiledistill":
         teachers, fmt = config.get("teachers"), "mobiledistill"
     else:
         teachers, fmt = _apple_teachers(config), "datacompdr"
     _check_config(config, teachers, config_path)
-    if root.is_dir():
-        shards = [str(root / s) for s in config.get("shards", [])] or resolve_shards(root)
+    if directory:
+        shards = [join(path_str, s) for s in config.get("shards", [])] or resolve_shards(path_str)
     else:
         shards = resolve_shards(path_str)
     try:
@@ -195,62 +207,98 @@ def _embedding_member(raw: dict[str, Any]) -> tuple[str, bytes]:
     raise ValueError("no embeddings (npz or pth.gz)")
 
 
-def index_images(images: str | Path) -> dict[str, dict[str, Any]]:
-    """key -> raw image-text sample (undecoded bytes) of every sample in the image shards `images`.
-
-    Build it once and pass it as `open_reinforced(..., images=index)` to read a dataset many times (epochs)."""
-    index = {}
-    for raw in iter_raw_samples(resolve_shards(str(images))):
-        index[raw["__key__"]] = raw
-    return index
+JOIN_LOOKAHEAD = 64  # image samples read ahead looking for a key before it counts as missing
+JOIN_STASH = 1024  # image samples held at most while joining one shard
 
 
-def open_reinforced(path: str | Path, images: str | Path | Mapping[str, dict[str, Any]] | None = None,
-                    skips: SkipLog | None = None, decode_images: bool = True) -> Iterator[dict[str, Any]]:
+def image_shard_index(images: str | Path) -> dict[str, str]:
+    """Shard file name -> image shard, for joining embeddings-only shards with the image shards of the same names
+    (DataCompDR's shards carry the names of the DataComp shards they reinforce). Names only: nothing is read."""
+    return {basename(url): url for url in resolve_shards(str(images))}
+
+
+def join_images(raws: Iterator[dict[str, Any]], image_shard: str | None, skips: SkipLog) -> Iterator[dict[str, Any]]:
+    """Give each embeddings-only sample of one shard the image, caption and metadata of the sample with its key in
+    `image_shard`, read alongside it: in the same order, so memory stays bounded (a sample whose image does not
+    come within `JOIN_LOOKAHEAD` samples is skipped and counted as missing). Samples with their own image pass."""
+    images = iter_raw_samples([image_shard], skips) if image_shard else iter(())
+    stash: OrderedDict[str, dict[str, Any]] = OrderedDict()
+    for raw in raws:
+        if any(e in raw for e in IMAGE_EXTENSIONS):
+            yield raw
+            continue
+        key = raw["__key__"]
+        for _ in range(JOIN_LOOKAHEAD):
+            if key in stash:
+                break
+            image = next(images, None)
+            if image is None:
+                break
+            stash[image["__key__"]] = image
+            if len(stash) > JOIN_STASH:
+                stash.popitem(last=False)
+        image = stash.pop(key, None)
+        if image is None:
+            where = f"in {basename(image_shard)}" if image_shard else "(no image shard of this name)"
+            skips.skip_sample(key, f"no image: its key is not {where}", raw["__url__"])
+            continue
+        yield {**{k: v for k, v in image.items() if not k.startswith("__")}, **raw}
+
+
+def parse_reinforced(raw: dict[str, Any], dims: list[int] | None) -> dict[str, Any]:
+    """A raw reinforced sample checked and decoded, its image left undecoded: key, url, caption (or None),
+    syn_captions, param_aug, image_emb (K, D) and text_emb (1 + C, D) float32 arrays, meta, and `source`, the raw
+    sample itself when it holds an image (else None). ValueError with the reason when it is malformed."""
+    ext, blob = _embedding_member(raw)
+    image_emb, text_emb = decode_embeddings(ext, blob, dims)
+    param_aug = parse_param_aug(raw["paug.json"]) if "paug.json" in raw else []
+    syn = parse_synthetic_captions(raw["syn.json"]) if "syn.json" in raw else []
+    _check_embeddings(image_emb, text_emb, dims, len(param_aug), len(syn))
+    return {"key": raw["__key__"], "url": raw["__url__"], "caption": _caption(raw) if "txt" in raw else None,
+            "syn_captions": syn, "param_aug": param_aug, "image_emb": image_emb, "text_emb": text_emb,
+            "meta": parse_metadata(raw["json"]) if "json" in raw else {},
+            "source": raw if any(e in raw for e in IMAGE_EXTENSIONS) else None}
+
+
+def reinforced_records(info: ReinforcedInfo, shards: list[str], skips: SkipLog,
+                       image_shards: dict[str, str] | None = None) -> Iterator[dict[str, Any]]:
+    """`parse_reinforced` records of `shards` (some of `info.shards`), joined shard by shard with their image
+    shards when given; malformed samples are skipped and recorded in `skips`."""
+    for url in shards:
+        raws = iter_raw_samples([url], skips)
+        if image_shards is not None:
+            raws = join_images(raws, image_shards.get(basename(url)), skips)
+        for raw in raws:
+            try:
+                yield parse_reinforced(raw, info.dims)
+            except ValueError as e:
+                skips.skip_sample(raw["__key__"], f"malformed reinforced sample: {e}", raw["__url__"])
+
+
+def open_reinforced(path: str | Path, images: str | Path | None = None, skips: SkipLog | None = None,
+                    decode_images: bool = True) -> Iterator[dict[str, Any]]:
     """Iterate a reinforced dataset's samples with dequantized float embeddings (see the module docstring).
 
-    `images`: image-text shards to join by key, or an index of them from `index_images`. With `decode_images` off,
-    samples carry their undecoded image-text sample as `image_source` (for `shards.decode_sample`) and `image` is
-    None: a training process that uses only some of the samples decodes only those."""
+    `images`: image-text shards to join by key, shard by shard (`join_images`). With `decode_images` off, samples
+    carry their undecoded image-text sample as `image_source` (for `shards.decode_sample`) and `image` is None."""
     info = read_info(path)
     skips = skips if skips is not None else SkipLog()
-    if images is None:
-        joined = {}
-    elif isinstance(images, Mapping):
-        joined = images
-    else:
-        joined = index_images(images)
-    for raw in iter_raw_samples(info.shards, skips):
-        key = raw["__key__"]
-        try:
-            ext, blob = _embedding_member(raw)
-            image_emb, text_emb = decode_embeddings(ext, blob, info.dims)
-            param_aug = parse_param_aug(raw["paug.json"]) if "paug.json" in raw else []
-            syn = parse_synthetic_captions(raw["syn.json"]) if "syn.json" in raw else []
-            _check_embeddings(image_emb, text_emb, info.dims, len(param_aug), len(syn))
-            meta = parse_metadata(raw["json"]) if "json" in raw else {}
-            caption = _caption(raw) if "txt" in raw else None
-        except ValueError as e:
-            skips.skip_sample(key, f"malformed reinforced sample: {e}", raw["__url__"])
-            continue
-        source = raw if any(e in raw for e in IMAGE_EXTENSIONS) else joined.get(key)
+    image_shards = image_shard_index(images) if images is not None else None
+    for record in reinforced_records(info, info.shards, skips, image_shards):
+        key, source, caption = record["key"], record["source"], record["caption"]
         image, image_bytes = None, b""
-        if source is not None and not decode_images:
-            try:
+        try:
+            if source is not None and not decode_images:
                 caption = _caption(source) if "txt" in source else caption
-            except ValueError as e:
-                skips.skip_sample(key, str(e), raw["__url__"])
-                continue
-        elif source is not None:
-            try:
+            elif source is not None:
                 decoded = decode_sample(source)
                 image, caption, image_bytes = decoded.image, decoded.caption, decoded.image_bytes
-            except ValueError as e:
-                skips.skip_sample(key, str(e), raw["__url__"])
-                continue
-        yield {"key": key, "image": image, "caption": caption, "syn_captions": syn, "param_aug": param_aug,
-               "image_emb": torch.from_numpy(image_emb), "text_emb": torch.from_numpy(text_emb),
-               "image_bytes": image_bytes, "meta": meta,
+        except ValueError as e:
+            skips.skip_sample(key, str(e), record["url"])
+            continue
+        yield {"key": key, "image": image, "caption": caption, "syn_captions": record["syn_captions"],
+               "param_aug": record["param_aug"], "image_emb": torch.from_numpy(record["image_emb"]),
+               "text_emb": torch.from_numpy(record["text_emb"]), "image_bytes": image_bytes, "meta": record["meta"],
                **({} if decode_images else {"image_source": source})}
 
 

@@ -24,6 +24,8 @@ from webdataset.tariterators import base_plus_ext
 
 from mdcore.errors import UserInputError, first_line
 from mdcore.jsonio import parse_json
+from mdcore.names import NSHARDS
+from reinforced_data.locations import basename, is_url, join, list_locations, location_exists, open_location, read_bytes
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -39,6 +41,7 @@ __all__ = [
 ]
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+MAX_SHARDS = 10_000_000  # DataComp-1B has 140k shards
 
 
 @dataclass
@@ -120,11 +123,59 @@ def _natural_key(path: str) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path)]
 
 
+def _nshards(text: str, where: str) -> int:
+    try:
+        count = int(text.strip())
+    except ValueError as e:
+        raise UserInputError(f"{where} does not hold a shard count") from e
+    if not 0 < count <= MAX_SHARDS:
+        raise UserInputError(f"{where} says {count} shards (at most {MAX_SHARDS})")
+    return count
+
+
+def _resolve_remote(data: str, split: str | None) -> list[str]:
+    """`resolve_shards` for URLs: a shard, a brace pattern of shards, or a directory (a dataset root with
+    `SPLIT/nshards.txt`, or a listable directory of `.tar` files)."""
+    if "{" in data:
+        urls = list(braceexpand.braceexpand(data))
+        if len(urls) > MAX_SHARDS:
+            raise UserInputError(f"{data} names {len(urls)} shards (at most {MAX_SHARDS})")
+        if data.startswith("pipe:"):
+            return urls
+        listed: dict[str, set[str]] = {}
+        for url in urls:
+            parent = url.rsplit("/", 1)[0]
+            if parent not in listed:
+                listed[parent] = {basename(u) for u in list_locations(parent, ".tar")}
+        missing = [u for u in urls if basename(u) not in listed[u.rsplit("/", 1)[0]]]
+        if missing and not all(listed.values()):  # a server that does not list: ask for the files themselves
+            missing = [u for u in (urls[0], urls[-1]) if not location_exists(u)]
+        if missing:
+            raise UserInputError(f"{len(missing)} of {len(urls)} shards of {data} do not exist (first: {missing[0]})")
+        return urls
+    if data.startswith("pipe:") or data.rstrip("/").endswith(".tar"):
+        if not location_exists(data):
+            raise UserInputError(f"shard not found: {data}")
+        return [data]
+    roots = [join(data, split), data] if split is not None else [data]
+    for root in roots:
+        count_file = join(root, NSHARDS)
+        if location_exists(count_file):
+            count = _nshards(read_bytes(count_file, 64).decode("utf-8", errors="replace"), count_file)
+            return [join(root, f"{i}.tar") for i in range(count)]
+        urls = sorted(list_locations(root, ".tar"), key=_natural_key)
+        if urls:
+            return urls
+    raise UserInputError(f"no .tar shards at {data}" + (f" (nor in its {split}/ split)" if split else ""))
+
+
 def resolve_shards(data: str | Path, split: str | None = None) -> list[str]:
-    """Expand `--data` into a list of shard paths, or raise `UserInputError` saying what is wrong."""
+    """Expand `--data` into a list of shard paths or URLs, or raise `UserInputError` saying what is wrong."""
     data = str(data)
     if not data.strip():
         raise UserInputError("empty --data")
+    if is_url(data):
+        return _resolve_remote(data, split)
     if "{" in data:
         urls = list(braceexpand.braceexpand(data))
         missing = [u for u in urls if not Path(u).is_file()]
@@ -142,12 +193,9 @@ def resolve_shards(data: str | Path, split: str | None = None) -> list[str]:
         path = path / split
     elif split is not None and (path / "train").is_dir():
         raise UserInputError(f"dataset root {path} has no split {split!r}")
-    nshards = path / "nshards.txt"
+    nshards = path / NSHARDS
     if nshards.is_file():
-        try:
-            count = int(nshards.read_text().strip())
-        except ValueError as e:
-            raise UserInputError(f"{nshards} does not hold a shard count") from e
+        count = _nshards(nshards.read_text(errors="replace"), str(nshards))
         urls = [str(path / f"{i}.tar") for i in range(count)]
         missing = [u for u in urls if not Path(u).is_file()]
         if missing:
@@ -215,9 +263,9 @@ def iter_raw_samples(urls: Iterable[str], skips: SkipLog | None = None) -> Itera
     skips = skips if skips is not None else SkipLog()
     for url in urls:
         try:
-            with open(url, "rb") as stream:
+            with open_location(url) as stream:
                 yield from _group_samples(_tar_members(stream, url), url, skips)
-        except (OSError, tarfile.TarError, EOFError, ValueError) as e:
+        except Exception as e:  # noqa: BLE001 - a remote read fails with its client's own types (aiohttp, botocore)
             skips.skip_shard(url, f"unreadable: {first_line(e)}")
 
 

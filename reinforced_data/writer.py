@@ -10,15 +10,14 @@ shards that are missing; `config.json`, written last by one process, marks the d
 `accelerate launch` process r takes shards r, r + N, ...
 """
 
+import dataclasses
 import hashlib
 import json
 import os
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from queue import Queue
 from typing import Any
 
 import torch
@@ -29,12 +28,14 @@ from mdcore.configs import check_choice, check_range, check_types
 from mdcore.errors import UserInputError
 from mdcore.jsonio import read_json_file
 from mdcore.locks import hold_directory
+from mdcore.names import SHARD_STATS_SUFFIX
 from reinforced_data.augment import (
     AugmentationConfig,
     augmentation_generator,
     replay_augmentation,
     sample_augmentation,
 )
+from reinforced_data.pipeline import default_num_workers, make_loader
 from reinforced_data.reader import MAX_CAPTIONS, MAX_VIEWS
 from reinforced_data.shards import ImageTextSample, SkipLog, iter_image_text, open_tar_writer, resolve_shards
 from reinforced_data.storage import STORAGE_DTYPES, encode_embeddings
@@ -56,6 +57,7 @@ class ReinforceConfig:
     top_p: float = 0.9
     caption_max_len: int = 24  # tokens per synthetic caption, start and end included
     augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
+    num_workers: int | None = None  # data workers per process (None: the cores per process less one; 0: in-process)
 
     def __post_init__(self):
         check_types(self)
@@ -66,6 +68,7 @@ class ReinforceConfig:
         check_range("batch_size", self.batch_size, 1)
         check_range("top_p", self.top_p, 0, 1)
         check_range("caption_max_len", self.caption_max_len, 3, 1024)
+        check_range("num_workers", self.num_workers, 0, 64)
 
 
 def caption_seed(seed: int, key: str, captioner_index: int) -> int:
@@ -85,15 +88,49 @@ def _captions_per_captioner(num_captions: int, num_captioners: int) -> list[int]
     return [base + (i < extra) for i in range(num_captioners)]
 
 
-class _ShardWriter:
-    """Embeds a batch of samples with the teachers and captioners and writes them to one output tar."""
+@dataclass
+class _ShardViews:
+    """A batch of one input shard's samples with their K augmentations drawn and replayed, as a data worker makes
+    it; the last batch of a shard (perhaps empty) says so and carries what the shard skipped."""
 
-    def __init__(self, ensemble, captioners, config: ReinforceConfig):
-        self.ensemble, self.captioners, self.config = ensemble, captioners, config
-        self.per_captioner = _captions_per_captioner(config.num_captions, len(captioners))
+    shard: int  # the input (and output) shard's index
+    url: str
+    last: bool
+    samples: list[ImageTextSample]  # without their decoded image: teachers get `views`, captioners pixels
+    params: list[list]  # (B, K) stored augmentations
+    views: torch.Tensor  # (B * K, 3, S, S) in [0, 1]
+    caption_pixels: list[torch.Tensor]  # per captioner, (B, 3, H, W) in its own preprocessing
+    skips: SkipLog | None = None
 
-    def prepare(self, samples: list[ImageTextSample]) -> tuple[list[ImageTextSample], list, torch.Tensor]:
-        """Draw every sample's K augmentations and replay them: (samples, params, views (B*K, 3, S, S))."""
+    def pin_memory(self) -> "_ShardViews":
+        return dataclasses.replace(self, views=self.views.pin_memory(),
+                                   caption_pixels=[p.pin_memory() for p in self.caption_pixels])
+
+
+class _InputShards(torch.utils.data.IterableDataset):
+    """This process's input shards dealt to the DataLoader workers, whole: each worker decodes its shards' samples
+    and replays their augmentations, which depend on (seed, key) alone, so an output shard's content does not
+    depend on the number of workers."""
+
+    def __init__(self, todo: list[tuple[int, str]], config: "ReinforceConfig", caption_transforms: list):
+        super().__init__()
+        self.todo, self.config, self.caption_transforms = todo, config, caption_transforms
+        self.samples_per_batch = max(1, config.batch_size // config.num_augs)
+
+    def __iter__(self) -> Iterator[_ShardViews]:
+        info = torch.utils.data.get_worker_info()
+        mine = self.todo[info.id::info.num_workers] if info else self.todo
+        for n, url in mine:
+            skips, batch = SkipLog(), []
+            for sample in iter_image_text([url], skips):
+                batch.append(sample)
+                if len(batch) == self.samples_per_batch:
+                    yield self._prepare(n, url, batch)
+                    batch = []
+            yield self._prepare(n, url, batch, skips)
+
+    def _prepare(self, n: int, url: str, samples: list[ImageTextSample], skips: SkipLog | None = None
+                 ) -> _ShardViews:
         cfg = self.config
         params, views = [], []
         for s in samples:
@@ -102,19 +139,32 @@ class _ShardWriter:
                              for _ in range(cfg.num_augs)]
             params.append(sample_params)
             views.extend(replay_augmentation(s.image, p, cfg.augmentation) for p in sample_params)
-        return samples, params, torch.stack(views)
+        pixels = [torch.stack([t(s.image) for s in samples]) if samples else torch.zeros(0)
+                  for t in self.caption_transforms]
+        samples = [dataclasses.replace(s, image=None) for s in samples]  # decoded pixels need not cross processes
+        return _ShardViews(n, url, skips is not None, samples, params,
+                           torch.stack(views) if views else torch.zeros(0), pixels, skips)
 
-    def encode(self, samples: list[ImageTextSample], params: list, views: torch.Tensor) -> list[dict[str, Any]]:
+
+class _ShardWriter:
+    """Embeds a batch of samples with the teachers and captioners; the records of its output shard."""
+
+    def __init__(self, ensemble, captioners, config: ReinforceConfig):
+        self.ensemble, self.captioners, self.config = ensemble, captioners, config
+        self.per_captioner = _captions_per_captioner(config.num_captions, len(captioners))
+
+    def encode(self, prepared: _ShardViews) -> list[dict[str, Any]]:
         """Embed prepared views and captions with every teacher; the records of the output shard."""
         cfg = self.config
-        image_emb = self.ensemble.encode_image_tensors(views).numpy()  # (B*K, D)
+        samples, params = prepared.samples, prepared.params
+        image_emb = self.ensemble.encode_image_tensors(prepared.views).numpy()  # (B*K, D)
 
         synthetic: list[list[str]] = [[] for _ in samples]
         for c, (captioner, count) in enumerate(zip(self.captioners, self.per_captioner)):
             if count == 0:
                 continue
             seeds = [caption_seed(cfg.seed, s.key, c) for s in samples]
-            for row, captions in zip(synthetic, captioner.generate([s.image for s in samples], count, seeds,
+            for row, captions in zip(synthetic, captioner.generate(prepared.caption_pixels[c], count, seeds,
                                                                    top_p=cfg.top_p, max_len=cfg.caption_max_len)):
                 row.extend(captions)
         texts = [t for s, syn in zip(samples, synthetic) for t in [s.caption, *syn]]
@@ -140,64 +190,48 @@ class _ShardWriter:
         return out
 
 
-def _process_shard(url: str, out_path: Path, writer: _ShardWriter, bar: tqdm) -> dict[str, Any]:
-    """Write one output shard atomically; returns its counts and skipped samples."""
-    skips = SkipLog()
-    tmp = hidden_temporary(out_path)
-    written = 0
-    samples_per_batch = max(1, writer.config.batch_size // max(1, writer.config.num_augs))
-    with open_tar_writer(tmp) as sink:
-        for prepared in _prefetch(_prepared_batches(url, writer, samples_per_batch, skips)):
-            for record in writer.encode(*prepared):
-                sink.write(record)
-                written += 1
-            bar.update(len(prepared[0]))
-    nbytes = tmp.stat().st_size
-    stats = {"shard": out_path.name, "source": url, "samples": written, "bytes": nbytes,
-             "skipped": skips.samples, "unreadable": skips.shards}
-    write_json_atomic(out_path.with_suffix(".stats.json"), stats)
-    os.replace(tmp, out_path)  # the tar appears last: a listed tar is always complete
-    return stats
+class _OpenShard:
+    """An output shard being written under its hidden temporary name; `finish` publishes it."""
+
+    def __init__(self, out_path: Path, url: str):
+        self.out_path, self.url, self.tmp = out_path, url, hidden_temporary(out_path)
+        self.sink = open_tar_writer(self.tmp)
+        self.written = 0
+
+    def write(self, records: list[dict[str, Any]]) -> None:
+        for record in records:
+            self.sink.write(record)
+        self.written += len(records)
+
+    def finish(self, skips: SkipLog) -> None:
+        self.sink.close()
+        stats = {"shard": self.out_path.name, "source": self.url, "samples": self.written,
+                 "bytes": self.tmp.stat().st_size, "skipped": skips.samples, "unreadable": skips.shards}
+        write_json_atomic(self.out_path.with_suffix(SHARD_STATS_SUFFIX), stats)
+        os.replace(self.tmp, self.out_path)  # the tar appears last: a listed tar is always complete
 
 
-def _prepared_batches(url: str, writer: _ShardWriter, samples_per_batch: int, skips: SkipLog) -> Iterator:
-    batch: list[ImageTextSample] = []
-    for sample in iter_image_text([url], skips):
-        batch.append(sample)
-        if len(batch) == samples_per_batch:
-            yield writer.prepare(batch)
-            batch = []
-    if batch:
-        yield writer.prepare(batch)
-
-
-def _prefetch(items: Iterator, depth: int = 2) -> Iterator:
-    """Run `items` in a background thread, `depth` ahead: decoding and augmenting the next batch overlaps the
-    teachers' forward pass on this one (PIL and torch both release the GIL in their kernels)."""
-    queue: Queue = Queue(maxsize=depth)
-    done = object()
-
-    def produce():
-        try:
-            for item in items:
-                queue.put(item)
-            queue.put(done)
-        except BaseException as e:  # handed to the consumer, which re-raises it
-            queue.put(e)
-
-    thread = threading.Thread(target=produce, daemon=True)
-    thread.start()
-    while (item := queue.get()) is not done:
-        if isinstance(item, BaseException):
-            raise item
-        yield item
-    thread.join()
+def _write_shards(todo: list[tuple[int, str]], out_dir: Path, writer: _ShardWriter, num_workers: int, bar: tqdm,
+                  pin_memory: bool) -> None:
+    """Write the output shards of `todo`: views made in `num_workers` DataLoader workers (each takes whole input
+    shards), teachers and captioners in this process, as many shards open at once as there are workers."""
+    dataset = _InputShards(todo, writer.config, [c.preprocess for c in writer.captioners])
+    open_shards: dict[int, _OpenShard] = {}
+    for prepared in make_loader(dataset, num_workers, writer.config.seed, pin_memory=pin_memory):
+        if prepared.shard not in open_shards:
+            open_shards[prepared.shard] = _OpenShard(out_dir / _shard_name(prepared.shard), prepared.url)
+        if prepared.samples:
+            open_shards[prepared.shard].write(writer.encode(prepared))
+            bar.update(len(prepared.samples))
+        if prepared.last:
+            open_shards.pop(prepared.shard).finish(prepared.skips)
 
 
 def _run_signature(data: str, urls: list[str], teachers: Sequence[str], captioners: Sequence[str],
                    config: ReinforceConfig) -> dict[str, Any]:
     cfg = asdict(config)
-    cfg.pop("batch_size")  # results do not depend on it
+    cfg.pop("batch_size")  # results depend on neither
+    cfg.pop("num_workers")
     signature = {"data": data, "shards": urls, "teachers": list(teachers), "captioners": list(captioners),
                  "config": cfg}
     return json.loads(json.dumps(signature))  # as it reads back from disk (tuples become lists)
@@ -242,11 +276,11 @@ def reinforce(data: str, teachers: Sequence[str], out_dir: str | Path, config: R
         writer = _ShardWriter(ensemble, caps, config)
         mine = [(n, url) for n, url in enumerate(urls) if n % state.num_processes == state.process_index]
         todo = [(n, url) for n, url in mine if not (out_dir / _shard_name(n)).is_file()]
+        workers = min(len(todo), default_num_workers() if config.num_workers is None else config.num_workers)
         start = time.time()
         with tqdm(desc=f"reinforce [{state.process_index}]", unit="sample", disable=not progress, dynamic_ncols=True,
                   position=state.process_index) as bar:
-            for n, url in todo:
-                _process_shard(url, out_dir / _shard_name(n), writer, bar)
+            _write_shards(todo, out_dir, writer, workers, bar, pin_memory=state.device.type == "cuda")
         state.wait_for_everyone()
 
         if not state.is_main_process:

@@ -10,9 +10,7 @@ since a locked tower's pooled output never changes, it is computed once per dist
 """
 
 import math
-import random
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +23,9 @@ from tqdm import tqdm
 
 from mdcore.configs import check_choice, check_range, check_types
 from mdcore.errors import UserInputError
-from reinforced_data.shards import SkipLog, iter_image_text, resolve_shards
+from reinforced_data.examples import ImageTextSource, TransformExamples
+from reinforced_data.pipeline import ExampleStream, StreamTracker, default_num_workers, make_loader
+from reinforced_data.shards import resolve_shards
 from teachers.model_dir import save_model_dir
 from teachers.specs import LoadedModel, load_model
 
@@ -48,7 +48,8 @@ class TeacherTrainConfig:
     mixed_precision: str = "no"  # accelerate: "no", "fp16", "bf16"
     grad_accum_steps: int = 1
     log_every: int = 25
-    shuffle_buffer: int = 2000
+    shuffle_buffer: int = 2000  # samples held for shuffling, per process (split among its data workers)
+    num_workers: int | None = None  # data workers per process (None: the cores per process less one; 0: in-process)
 
     def __post_init__(self):
         check_types(self)
@@ -56,6 +57,7 @@ class TeacherTrainConfig:
             check_range(name, getattr(self, name), 1)
         check_range("warmup_steps", self.warmup_steps, 0)
         check_range("seed", self.seed, 0, 2**32 - 1)
+        check_range("num_workers", self.num_workers, 0, 64)
         check_range("lr", self.lr, 0, low_open=True)
         for name in ("weight_decay", "grad_clip", "clip_loss_weight", "caption_loss_weight"):
             check_range(name, getattr(self, name), 0)
@@ -89,47 +91,6 @@ def optimizer_step(accelerator, model: nn.Module, optimizer, scheduler, loss: to
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-
-
-class _CaptionedImageStream(torch.utils.data.IterableDataset):
-    """Endless (image tensor, caption) pairs: shards reshuffled each epoch, samples through a shuffle buffer.
-
-    When a sample's json carries a `captions` list (the emoji set does), one of them is drawn each time, a cheap
-    text augmentation; otherwise the `txt` caption is used. Process `rank` of `world_size` keeps every
-    `world_size`-th sample.
-    """
-
-    def __init__(self, urls: list[str], transform, seed: int, buffer: int, rank: int = 0, world_size: int = 1):
-        super().__init__()
-        self.urls, self.transform, self.seed, self.buffer = urls, transform, seed, buffer
-        self.rank, self.world_size = rank, world_size
-        self.skips = SkipLog()
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, str]]:
-        rng = random.Random(self.seed)
-        pool: list = []
-        for epoch in range(10**9):
-            urls = list(self.urls)
-            rng.shuffle(urls)
-            seen = 0
-            skips = self.skips if epoch == 0 else SkipLog()  # count bad samples once, not every epoch
-            for i, sample in enumerate(iter_image_text(urls, skips)):
-                if i % self.world_size != self.rank:
-                    continue
-                seen += 1
-                pool.append(sample)
-                if len(pool) >= self.buffer:
-                    yield self._emit(pool.pop(rng.randrange(len(pool))), rng)
-            if seen == 0 and not pool:
-                raise UserInputError(f"no usable samples in {len(self.urls)} shards ({self.skips.summary()})")
-            rng.shuffle(pool)  # flush at each epoch's end: small datasets never wait for a full buffer
-            while pool:
-                yield self._emit(pool.pop(), rng)
-
-    def _emit(self, sample, rng: random.Random) -> tuple[torch.Tensor, str]:
-        captions = sample.meta.get("captions") if isinstance(sample.meta, dict) else None
-        caption = rng.choice(captions) if captions else sample.caption
-        return self.transform(sample.image), caption
 
 
 class LockedTextCache:
@@ -166,6 +127,14 @@ class _LiTModel(nn.Module):
         text_features = F.normalize(self.model.text.proj(pooled_text), dim=-1)  # (B, D)
         return {"image_features": image_features, "text_features": text_features,
                 "logit_scale": self.model.logit_scale.exp()}
+
+
+def _batches(loader, tracker: StreamTracker, urls: list[str]):
+    for batch in loader:
+        tracker.update(batch)
+        if len(batch):
+            yield batch
+    raise UserInputError(f"no usable samples in {len(urls)} shards ({tracker.skips.summary()})")
 
 
 def is_hf_text(model: nn.Module) -> bool:
@@ -220,9 +189,13 @@ def train_teacher(
         loss_fn = open_clip.ClipLoss(**distributed)
 
     per_process_batch = max(1, config.batch_size // world)
-    stream = _CaptionedImageStream(urls, loaded.preprocess_train, config.seed, config.shuffle_buffer,
-                                   accelerator.process_index, world)
-    batches = iter(torch.utils.data.DataLoader(stream, batch_size=per_process_batch, num_workers=0))
+    workers = default_num_workers() if config.num_workers is None else config.num_workers
+    stream = ExampleStream(urls, ImageTextSource(), TransformExamples(loaded.preprocess_train, config.seed),
+                           per_process_batch, config.seed, config.shuffle_buffer, accelerator.process_index, world,
+                           workers)
+    tracker = StreamTracker(workers)
+    batches = _batches(make_loader(stream, workers, config.seed, pin_memory=accelerator.device.type == "cuda"),
+                       tracker, urls)
 
     history: list[dict[str, float]] = []
     start = time.time()
@@ -231,8 +204,8 @@ def train_teacher(
     trainable.train()
     for step in bar:
         with accelerator.accumulate(trainable):
-            images, texts = next(batches)
-            images = images.to(accelerator.device)
+            batch = next(batches).to(accelerator.device)
+            images, texts = batch.images, batch.captions
             if text_cache is not None:
                 out = trainable(images, text_cache(list(texts)))
             else:
@@ -263,7 +236,7 @@ def train_teacher(
         "samples_seen": config.steps * config.batch_size,
         "wall_s": round(wall, 1),
         "final_loss": history[-1]["loss"],
-        "skips": stream.skips.as_dict(),
+        "skips": tracker.skips.as_dict(),
     }
     if accelerator.is_main_process:
         record = dict(provenance or {})

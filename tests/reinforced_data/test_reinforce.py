@@ -16,7 +16,6 @@ import webdataset as wds
 from distill.cli import main
 from distill.losses import ensemble_kd_loss
 from mdcore.errors import UserInputError
-from mdcore.locks import hold_directory
 from reinforced_data.augment import AugmentationConfig, replay_augmentation
 from reinforced_data.reader import open_reinforced, read_info
 from reinforced_data.storage import decode_embeddings, encode_embeddings
@@ -261,14 +260,20 @@ def test_a_second_run_on_a_directory_in_use_is_refused_and_the_first_completes(t
     data = write_shapes_root(tmp_path / "shapes", per_pair=3, train_shards=4)
     out = tmp_path / "dr"
     args = _reinforce_args(data, tiny_model_dirs, out)
-    with hold_directory(out):  # as another run would
-        assert main(args) == 2
-        assert "in use by another run" in capsys.readouterr().err
-        assert [p.name for p in out.iterdir()] == [".mobiledistill.lock"]  # nothing touched
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from mdcore.locks import hold_directory\n"
+                               f"with hold_directory({str(out)!r}):\n print('held', flush=True); time.sleep(600)"],
+                              cwd=REPO, stdout=subprocess.PIPE, text=True)  # as another run would
+    assert holder.stdout.readline().strip() == "held"
+    assert main(args) == 2
+    assert f"in use by another run (process {holder.pid})" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == [".mobiledistill.lock"]  # nothing touched
+    holder.kill()
+    holder.wait()
     first = _cli([sys.executable, "-m", "distill", *args])
     lock = out / ".mobiledistill.lock"
     deadline = time.time() + 300
-    while not (lock.is_file() and lock.read_text().strip()) and first.poll() is None and time.time() < deadline:
+    while not (lock.is_file() and lock.read_text().strip() == str(first.pid)) and first.poll() is None and \
+            time.time() < deadline:
         time.sleep(0.01)
     assert main(args) == 2  # started while the first one runs
     err = capsys.readouterr().err
