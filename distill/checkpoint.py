@@ -5,7 +5,7 @@
                                  pruning masks)
         optimizers.safetensors   every optimizer's state tensors, keyed "<optimizer>/<param index>/<name>"
         state.json               the optimizers' param groups and scalar state, the schedule, the gradient scaler
-        rng-<rank>.json          each process's Python, NumPy and torch random states
+        process-<rank>.json      each process's Python, NumPy and torch random states and its `local` values
         step.json                written last, by the main process once every process has saved: marks it complete
 
 accelerate's `save_state` pickles the optimizer, the schedule, the random states and registered objects, and
@@ -48,7 +48,7 @@ class TrainingState:
     optimizers: dict[str, torch.optim.Optimizer]
     scheduler: Any  # an LRScheduler (accelerate's wrapper passes state_dict through)
     scaler: Any = None  # accelerate's GradScaler under fp16 mixed precision
-    extra: dict[str, Any] = field(default_factory=dict)  # small JSON values (e.g. data position)
+    local: dict[str, Any] = field(default_factory=dict)  # this process's own small JSON values (its data position)
 
 
 def checkpoint_step(path: Path) -> int:
@@ -108,7 +108,7 @@ def save_checkpoint(path: Path, state: TrainingState, step: int, accelerator) ->
     if accelerator.is_main_process:
         path.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
-    write_json_atomic(path / f"rng-{accelerator.process_index}.json", _rng_record())
+    write_json_atomic(path / f"process-{accelerator.process_index}.json", {"rng": _rng_record(), "local": state.local})
     if accelerator.is_main_process:
         modules = {f"{name}.{key}": value for name, module in state.modules.items()
                    for key, value in module.state_dict().items()}
@@ -118,8 +118,7 @@ def save_checkpoint(path: Path, state: TrainingState, step: int, accelerator) ->
                   "optimizers": {n: _optimizer_record(n, o, tensors) for n, o in state.optimizers.items()},
                   "scheduler": state.scheduler.state_dict(),
                   "scaler": state.scaler.state_dict() if state.scaler is not None else None,
-                  "processes": accelerator.num_processes,
-                  "extra": state.extra}
+                  "processes": accelerator.num_processes}
         _save_tensors(tensors, path / OPTIMIZERS_NAME)
         write_json_atomic(path / STATE_NAME, record)
     accelerator.wait_for_everyone()
@@ -197,8 +196,12 @@ def _restore_optimizer(name: str, optimizer: torch.optim.Optimizer, record: Any,
         raise UserInputError(f"{where}: optimizer {name!r} does not load: {first_line(e)}") from e
 
 
-def _restore_rng(path: Path) -> None:
-    record = read_json_file(path, max_bytes=1 << 20)
+def _restore_process(path: Path) -> dict[str, Any]:
+    """Restore this process's random states from its record; returns its `local` values."""
+    process = read_json_file(path, max_bytes=1 << 20)
+    record, local = process.get("rng"), process.get("local", {})
+    if not isinstance(record, dict) or not isinstance(local, dict):
+        raise UserInputError(f"{path} does not hold random states and local values")
     try:
         version, mt_state, gauss = record["python"]
         random.setstate((version, tuple(mt_state), gauss))
@@ -209,6 +212,7 @@ def _restore_rng(path: Path) -> None:
             torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in record["cuda"]])
     except (KeyError, ValueError, TypeError, RuntimeError, OverflowError) as e:
         raise UserInputError(f"{path} does not hold random states: {first_line(e)}") from e
+    return local
 
 
 def load_checkpoint(path: Path, state: TrainingState, accelerator) -> int:
@@ -250,7 +254,5 @@ def load_checkpoint(path: Path, state: TrainingState, accelerator) -> int:
         if not _same_kind(record.get("scaler"), state.scaler.state_dict()):
             raise UserInputError(f"{path / STATE_NAME}: the gradient scaler's state is malformed")
         state.scaler.load_state_dict(record["scaler"])
-    extra = record.get("extra")
-    state.extra = extra if isinstance(extra, dict) else {}
-    _restore_rng(path / f"rng-{accelerator.process_index}.json")
+    state.local = _restore_process(path / f"process-{accelerator.process_index}.json")
     return step

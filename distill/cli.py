@@ -16,6 +16,7 @@ from pathlib import Path
 from mdcore.configs import MAX_IMAGE_SIDE
 from mdcore.errors import UserInputError, first_line
 from mdcore.paths import check_output
+from mdcore.processes import process_state
 
 __all__ = ["main", "build_parser"]
 
@@ -104,6 +105,8 @@ def _cmd_teachers_train(args: argparse.Namespace) -> int:
         config.lock_text = False
     summary = train_teacher(args.arch, args.data, args.out, config, split=args.split,
                             provenance={"command": " ".join(sys.argv)})
+    if not process_state().is_main_process:  # under several processes, the main one reports
+        return 0
     print(f"wrote {args.out}: {summary['steps']} steps in {summary['wall_s']} s, "
           f"final loss {summary['final_loss']:.3f}")
     _report_skips(summary["skips"])
@@ -200,6 +203,8 @@ def _cmd_distill(args: argparse.Namespace) -> int:
         config.online_teachers = list(args.online_teacher)
     run = run_stages if is_staged(config) else distill  # stages / masks: distill.stages
     summary = run(args.data, args.out, config, images=args.images, resume=args.resume, command=" ".join(sys.argv))
+    if not process_state().is_main_process:  # under several processes, the main one reports
+        return 0
     _report_skips(summary.get("skips"))
     if summary.get("evaluation"):
         print(_eval_line({**summary["evaluation"], "model": args.out}))

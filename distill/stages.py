@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from accelerate import PartialState
 
 from distill.recipe import DistillConfig, PruneConfig, stage_config
 from distill.train import distill
@@ -28,6 +27,7 @@ from mdcore.atomic import copy_file_atomic, write_json_atomic, write_text_atomic
 from mdcore.errors import UserInputError
 from mdcore.locks import hold_directory, holds_nothing
 from mdcore.names import STAGES_RECIPE
+from mdcore.processes import process_state
 from teachers.model_dir import CONFIG_NAME, PROVENANCE_NAME, read_provenance
 
 __all__ = ["is_staged", "run_stages"]
@@ -93,7 +93,7 @@ def run_stages(data: str, run_dir: str | Path, config: DistillConfig, images: st
     if not config.student_from:
         raise UserInputError("stages and target sparsities need --student-from (the model the first stage copies)")
     stages = [stage_config(config, i) for i in range(len(config.stages))] or [dataclasses.replace(config)]
-    main_process = PartialState().is_main_process
+    main_process = process_state().is_main_process
     with hold_directory(run_dir, enabled=main_process):  # one run at a time on run_dir
         recipe = yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
         recipe_path = run_dir / STAGES_RECIPE

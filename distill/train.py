@@ -45,10 +45,11 @@ from mdcore.errors import UserInputError
 from mdcore.jsonio import read_jsonl_file
 from mdcore.locks import hold_directory, holds_nothing, remove_temporaries
 from mdcore.names import CHECKPOINTS
+from mdcore.processes import make_accelerator, process_state
 from reinforced_data.augment import AugmentationConfig
 from reinforced_data.examples import DistillExamples, ImageTextSource, ReinforcedSource
 from reinforced_data.pipeline import Batch, ExampleStream, StreamTracker, default_num_workers, make_loader
-from reinforced_data.reader import image_shard_index, read_info, reinforced_records
+from reinforced_data.reader import pair_image_shards, read_info, reinforced_records
 from reinforced_data.shards import SkipLog, iter_raw_samples, resolve_shards
 from teachers.model_dir import CONFIG_NAME, read_provenance, write_model_files
 from teachers.specs import load_model
@@ -60,7 +61,7 @@ from teachers.train import (
     param_groups_for_weight_decay,
 )
 
-__all__ = ["distill", "compute_losses", "text_encoder"]
+__all__ = ["distill", "compute_losses", "StudentStep"]
 
 
 def _plain_image_text_shards(data: str | Path) -> list[str] | None:
@@ -85,28 +86,44 @@ def _online_teacher_embeddings(ensemble, views: torch.Tensor, real, syn):
     return t_image, t_real, t_syn
 
 
-def text_encoder(model: nn.Module, tokenizer, locked_cache: LockedTextCache | None = None):
-    """texts -> normalized student text features; with a locked Hugging Face tower, its cached pooled outputs
-    through the (trainable) projection."""
-    if locked_cache is not None:
-        return lambda texts: F.normalize(model.text.proj(locked_cache(texts)), dim=-1)
-    return lambda texts: model.encode_text(tokenizer(texts).to(model.logit_scale.device), normalize=True)
+class StudentStep(nn.Module):
+    """All of the student that trains, in one forward: the normalized image and text features of a batch, the
+    logit scale and, for feature distillation, the projected features. Called through the module accelerate
+    prepared, so under several processes DDP averages every gradient, and mixed precision covers all of it.
+
+    With a locked Hugging Face text tower (`locked_cache`), its cached pooled outputs go through the trainable
+    projection only."""
+
+    def __init__(self, model: nn.Module, tokenizer, locked_cache: LockedTextCache | None = None,
+                 projection: nn.Module | None = None):
+        super().__init__()
+        self.model, self.projection = model, projection
+        self.tokenizer, self.locked_cache = tokenizer, locked_cache
+
+    def forward(self, images: torch.Tensor, texts: list[str]) -> dict[str, torch.Tensor]:
+        image = self.model.encode_image(images, normalize=True)  # (B, D)
+        if self.locked_cache is not None:
+            text = F.normalize(self.model.text.proj(self.locked_cache(texts)), dim=-1)  # (T, D)
+        else:
+            text = self.model.encode_text(self.tokenizer(texts).to(images.device), normalize=True)  # (T, D)
+        out = {"image": image, "text": text, "logit_scale": self.model.logit_scale.exp()}
+        if self.projection is not None:  # student dim -> the reference teacher's
+            out["projected_image"] = F.normalize(self.projection(image), dim=-1)
+            out["projected_text"] = F.normalize(self.projection(text), dim=-1)
+        return out
 
 
-def compute_losses(model: nn.Module, batch: Batch, encode_text, config: DistillConfig, dims: list[int],
-                   teacher_scales: list[float], projection: nn.Module | None) -> dict[str, torch.Tensor]:
-    """Named loss terms of one batch (on the model's device; the teachers' embeddings in `batch.image_emb`,
-    `text_emb`, `syn_emb`); keys ending in `_loss` are summed into the objective.
-
-    `encode_text` maps a list of texts to the student's normalized text features (`text_encoder`)."""
+def compute_losses(student: nn.Module, batch: Batch, config: DistillConfig, dims: list[int],
+                   teacher_scales: list[float]) -> dict[str, torch.Tensor]:
+    """Named loss terms of one batch (on the student's device; the teachers' embeddings in `batch.image_emb`,
+    `text_emb`, `syn_emb`); keys ending in `_loss` are summed into the objective. `student` is a `StudentStep`
+    (or the module accelerate made of it)."""
     real, syn = batch.captions, batch.syn_captions
     w = config.loss
     use_syn = w.use_synthetic and all(syn)
-    texts = list(real) + (list(syn) if use_syn else [])
-    image_features = model.encode_image(batch.images, normalize=True)  # (B, D)
-    text_features = encode_text(texts)  # (B or 2B, D)
-    real_features, syn_features = text_features[:len(real)], text_features[len(real):]
-    scale = model.logit_scale.exp()
+    out = student(batch.images, list(real) + (list(syn) if use_syn else []))
+    image_features, scale = out["image"], out["logit_scale"]  # (B, D)
+    real_features, syn_features = out["text"][:len(real)], out["text"][len(real):]  # (B, D) each
     t_image, t_real, t_syn = (t.float().split(dims, dim=-1) for t in (batch.image_emb, batch.text_emb, batch.syn_emb))
     terms: dict[str, torch.Tensor] = {}
     pairs = [("real", real_features, t_real)] + ([("syn", syn_features, t_syn)] if use_syn else [])
@@ -121,9 +138,10 @@ def compute_losses(model: nn.Module, batch: Batch, encode_text, config: DistillC
         terms["affinity_loss"] = w.w_affinity * affinity_mimicking_loss(
             image_features, real_features, t_image[ref], t_real[ref], logit_scale=w.affinity_logit_scale)
     if w.w_feature:
-        terms["feature_loss"] = w.w_feature * (feature_distillation_loss(image_features, t_image[ref], projection)
-                                               + feature_distillation_loss(real_features, t_real[ref],
-                                                                           projection)) / 2
+        image_projected = out.get("projected_image", image_features)
+        text_projected = out.get("projected_text", out["text"])[:len(real)]
+        terms["feature_loss"] = w.w_feature * (feature_distillation_loss(image_projected, t_image[ref])
+                                               + feature_distillation_loss(text_projected, t_real[ref])) / 2
     terms["logit_scale"] = scale.detach()
     return terms
 
@@ -209,8 +227,6 @@ def distill(data: str, run_dir: str | Path, config: DistillConfig, images: str |
 
     The run directory is held for the run (`mdcore.locks`): a second run on it is refused, and what a killed run
     left half-written there (temporaries, a checkpoint without its step.json) is removed when a run takes it over."""
-    from accelerate import PartialState
-
     run_dir = Path(run_dir)
     validate_recipe(config)  # a library caller's config gets the checks a recipe gets
     if (run_dir / CONFIG_NAME).is_file() and not resume:
@@ -218,7 +234,7 @@ def distill(data: str, run_dir: str | Path, config: DistillConfig, images: str |
                              "--resume and more --steps)")
     if not holds_nothing(run_dir) and not resume:
         raise UserInputError(f"{run_dir} is not empty: pass --resume to continue it, or pick another --out")
-    main_process = PartialState().is_main_process
+    main_process = process_state().is_main_process
     with hold_directory(run_dir, enabled=main_process):
         if main_process:
             remove_temporaries(run_dir)
@@ -230,7 +246,6 @@ def distill(data: str, run_dir: str | Path, config: DistillConfig, images: str |
 
 def _distill(data: str, run_dir: Path, config: DistillConfig, images: str | None, resume: bool, progress: bool,
              command: str) -> dict[str, Any]:
-    from accelerate import Accelerator
     from accelerate.utils import gather_object, set_seed
 
     from distill.evaluate import evaluate_model
@@ -245,7 +260,7 @@ def _distill(data: str, run_dir: Path, config: DistillConfig, images: str | None
         raise UserInputError(f"{data} is image-text data without teacher embeddings: write a reinforced dataset "
                              "with `mobiledistill reinforce`, or give --online-teacher SPEC")
     info = None if plain_urls else read_info(data)
-    image_shards = image_shard_index(images) if images and info is not None else None
+    image_shards = pair_image_shards(info.shards, images) if images and info is not None else None
     if info is not None and not config.online_teachers:
         dims = info.dims
         if dims is None:
@@ -256,7 +271,7 @@ def _distill(data: str, run_dir: Path, config: DistillConfig, images: str | None
             raise UserInputError(f"no readable samples in {data} (the first: {reason})")
         teacher_scales = [float(t["logit_scale"]) for t in info.teachers]
 
-    accelerator = Accelerator(mixed_precision=config.mixed_precision,
+    accelerator = make_accelerator(mixed_precision=config.mixed_precision,
                               gradient_accumulation_steps=config.grad_accum_steps,
                               log_with="tensorboard", project_dir=str(run_dir))
     if config.batch_size % accelerator.num_processes:  # before anything is loaded or written
@@ -315,15 +330,14 @@ def _distill(data: str, run_dir: Path, config: DistillConfig, images: str | None
         params.append({"params": list(projection.parameters()), "weight_decay": 0.0})
     optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
     warmup = min(config.warmup_steps, max(1, config.steps // 2))
+    # stepped once per update by optimizer_step (accelerate's wrapper would step it once per process)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(s, config.steps, warmup))
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    if projection is not None:
-        projection = accelerator.prepare(projection)
+    student, optimizer = accelerator.prepare(StudentStep(model, loaded.tokenizer, locked_cache, projection), optimizer)
 
-    trained = {"student": accelerator.unwrap_model(model)}
+    trained = {"student": model}
     optimizers = {"student": optimizer}
     if projection is not None:
-        trained["projection"] = accelerator.unwrap_model(projection)
+        trained["projection"] = projection
     if masks is not None:
         trained["masks"], optimizers["masks"] = masks, mask_optimizer
     state = TrainingState(trained, optimizers, scheduler, accelerator.scaler)
@@ -337,7 +351,7 @@ def _distill(data: str, run_dir: Path, config: DistillConfig, images: str | None
 
     per_process = config.batch_size // accelerator.num_processes
     workers = default_num_workers() if config.num_workers is None else config.num_workers
-    resumed_data = state.extra.get("data") if start_step else None
+    resumed_data = state.local.get("data") if start_step else None
     if resumed_data and resumed_data.get("workers") != max(1, workers) and accelerator.is_main_process:
         warnings.warn(f"{run_dir} was saved with {resumed_data.get('workers')} data workers and resumes with "
                       f"{max(1, workers)}: the data order from here differs from the uninterrupted run's", stacklevel=2)
@@ -353,22 +367,20 @@ def _distill(data: str, run_dir: Path, config: DistillConfig, images: str | None
     can_eval = bool(eval_root) and Path(eval_root, config.eval_split).is_dir()
     log_path = run_dir / "log.jsonl"
     rows = _logged_rows(log_path, start_step) if start_step else []
-    unwrapped = accelerator.unwrap_model(model)
-    encode_text = text_encoder(unwrapped, loaded.tokenizer, locked_cache)
     start = time.time()
     bar = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps, desc="distill",
                disable=not progress or not accelerator.is_main_process, dynamic_ncols=True)
-    model.train()
+    student.train()
     for step in bar:
         for _ in range(config.grad_accum_steps):
-            with accelerator.accumulate(model):
+            with accelerator.accumulate(student):
                 batch = next(batches).to(accelerator.device)
                 if ensemble is not None:
                     batch.image_emb, batch.text_emb, batch.syn_emb = _online_teacher_embeddings(
                         ensemble, batch.teacher_images, batch.captions, batch.syn_captions)
                 if masks is not None:
-                    masks.apply(unwrapped, masks.sample())
-                terms = compute_losses(unwrapped, batch, encode_text, config, dims, teacher_scales, projection)
+                    masks.apply(model, masks.sample())
+                terms = compute_losses(student, batch, config, dims, teacher_scales)
                 if masks is not None:
                     terms.update(masks.lagrangian(step))
                 loss = sum(v for k, v in terms.items() if k.endswith("_loss"))
@@ -380,11 +392,11 @@ def _distill(data: str, run_dir: Path, config: DistillConfig, images: str | None
                     last = last_checkpoint(run_dir)
                     raise UserInputError(f"loss is {global_loss.item()} at step {step}; last good checkpoint: "
                                          f"{last if last else 'none (no checkpoint saved yet)'}")
-                optimizer_step(accelerator, model, optimizer, scheduler, loss, config.grad_clip)
+                optimizer_step(accelerator, student, optimizer, scheduler, loss, config.grad_clip)
                 if masks is not None and accelerator.sync_gradients:
                     masks.update(mask_optimizer, accelerator)
         with torch.no_grad():
-            unwrapped.logit_scale.clamp_(0, math.log(100))
+            model.logit_scale.clamp_(0, math.log(100))
         done = step + 1
         if step % config.log_every == 0 or done == config.steps or (config.eval_every and done % config.eval_every
                                                                      == 0):
@@ -392,10 +404,10 @@ def _distill(data: str, run_dir: Path, config: DistillConfig, images: str | None
                    **{k: v.item() for k, v in terms.items()}, "elapsed_s": round(time.time() - start, 2)}
             if can_eval and config.eval_every and done % config.eval_every == 0 and done < config.steps:
                 if masks is not None:  # the model the prune step would cut now
-                    masks.apply(unwrapped, masks.deterministic())
+                    masks.apply(model, masks.deterministic())
                 row["eval_top1"] = evaluate_model(loaded, eval_root, config.eval_split,
                                                   progress=False).get("zeroshot", {}).get("top1", float("nan"))
-                model.train()
+                student.train()
             rows.append(row)
             accelerator.log({k: v for k, v in row.items() if k != "step"}, step=step)
             bar.set_postfix(loss=f"{row['loss']:.3f}")
@@ -403,10 +415,9 @@ def _distill(data: str, run_dir: Path, config: DistillConfig, images: str | None
         if config.save_every and (done % config.save_every == 0 or done == config.steps):
             if accelerator.is_main_process:  # the log first: a checkpoint never runs ahead of its log
                 _write_log(log_path, rows)
-            state.extra["data"] = tracker.state()  # where each data worker stands: the resumed stream goes on there
+            state.local["data"] = tracker.state()  # where this process's data workers stand: resumed, they go on there
             save_checkpoint(run_dir / CHECKPOINTS / f"step_{done}", state, done, accelerator)
     accelerator.wait_for_everyone()
-    accelerator.end_training()
 
     skips = SkipLog()
     for other in gather_object([tracker.skips.as_dict()]):  # each process read its own shards
@@ -417,11 +428,11 @@ def _distill(data: str, run_dir: Path, config: DistillConfig, images: str | None
                                "skipped_samples": skips.sample_count, "skips": skips.as_dict(),
                                "data": {"num_workers": workers, "bytes_read_per_process": bytes_per_process}}
     if masks is not None:  # the prune step: deterministic masks, weights sliced, masks gone
-        unwrapped, loaded.model_cfg, pruning = prune_model(unwrapped, loaded.model_cfg, masks)
-        loaded.model = unwrapped
+        model, loaded.model_cfg, pruning = prune_model(model, loaded.model_cfg, masks)
+        loaded.model = model
     elif pruning:  # a continuation of a pruned model keeps its record
-        counted = counted_parameters(unwrapped, pruning["count"])
-        pruning = {**pruning, "params": counted, "tower_params": tower_parameter_count(unwrapped),
+        counted = counted_parameters(model, pruning["count"])
+        pruning = {**pruning, "params": counted, "tower_params": tower_parameter_count(model),
                    "achieved_sparsity": 1 - counted / pruning["reference_params"]}
     summary["prune"] = pruning or None
     if accelerator.is_main_process:
@@ -433,7 +444,8 @@ def _distill(data: str, run_dir: Path, config: DistillConfig, images: str | None
                       "steps": config.steps, "seed": config.seed, "train": summary,
                       "inheritance": inheritance.as_dict() if inheritance else None, "prune": pruning or None,
                       "text_locked": locked_cache is not None, "evaluation": evaluation}
-        write_model_files(unwrapped, loaded.model_cfg, run_dir, tokenizer=loaded.tokenizer, provenance=provenance)
+        write_model_files(model, loaded.model_cfg, run_dir, tokenizer=loaded.tokenizer, provenance=provenance)
         summary["evaluation"] = evaluation
     accelerator.wait_for_everyone()
+    accelerator.end_training()  # trackers closed, then the process group (nothing collective after it)
     return summary

@@ -21,7 +21,7 @@ _LAZY = {
     "AugmentationConfig": "reinforced_data.augment",
     "replay_augmentation": "reinforced_data.augment",
     "ReinforcedInfo": "reinforced_data.reader",
-    "index_images": "reinforced_data.reader",
+    "pair_image_shards": "reinforced_data.reader",
     "open_reinforced": "reinforced_data.reader",
     "read_info": "reinforced_data.reader",
     "ReinforceConfig": "reinforced_data.writer",

@@ -129,7 +129,7 @@ def list_locations(directory: str, suffix: str) -> list[str]:
     except NotImplementedError:
         return []
     except Exception as e:  # noqa: BLE001 - aiohttp, botocore and friends raise their own types
-        raise UserInputError(f"cannot list {directory}: {first_line(e)}") from e
+        raise UserInputError(f"cannot reach {directory}: {first_line(e)}") from e
     protocol = directory.split("://", 1)[0]
     names = [e["name"] for e in entries if e.get("type") == "file" and e["name"].endswith(suffix)]
     return [n if "://" in n else f"{protocol}://{n.lstrip('/')}" for n in names]

@@ -37,7 +37,7 @@ from reinforced_data.shards import (
 from reinforced_data.storage import STORAGE_DTYPES, decode_embeddings
 
 __all__ = ["ReinforcedInfo", "read_info", "open_reinforced", "reinforced_records", "parse_reinforced",
-           "image_shard_index", "join_images", "parse_param_aug", "parse_synthetic_captions"]
+           "pair_image_shards", "join_images", "parse_param_aug", "parse_synthetic_captions"]
 
 
 @dataclass
@@ -211,10 +211,18 @@ JOIN_LOOKAHEAD = 64  # image samples read ahead looking for a key before it coun
 JOIN_STASH = 1024  # image samples held at most while joining one shard
 
 
-def image_shard_index(images: str | Path) -> dict[str, str]:
-    """Shard file name -> image shard, for joining embeddings-only shards with the image shards of the same names
-    (DataCompDR's shards carry the names of the DataComp shards they reinforce). Names only: nothing is read."""
-    return {basename(url): url for url in resolve_shards(str(images))}
+def pair_image_shards(shards: list[str], images: str | Path) -> dict[str, str]:
+    """Embeddings shard -> its image shard among `images`: by file name when the names match (DataCompDR's shards
+    carry the names of the DataComp shards they reinforce), else by position when the counts do (`reinforce`
+    writes output shard n from input shard n). Names only: nothing is read."""
+    image_urls = resolve_shards(str(images), split="train")  # a dataset root: its training split
+    by_name = {basename(url): url for url in image_urls}
+    if all(basename(url) in by_name for url in shards):
+        return {url: by_name[basename(url)] for url in shards}
+    if len(image_urls) == len(shards):
+        return dict(zip(shards, image_urls))
+    raise UserInputError(f"cannot pair the {len(shards)} embeddings shards with the {len(image_urls)} image shards "
+                         f"of {images}: neither their names nor their counts match")
 
 
 def join_images(raws: Iterator[dict[str, Any]], image_shard: str | None, skips: SkipLog) -> Iterator[dict[str, Any]]:
@@ -263,11 +271,11 @@ def parse_reinforced(raw: dict[str, Any], dims: list[int] | None) -> dict[str, A
 def reinforced_records(info: ReinforcedInfo, shards: list[str], skips: SkipLog,
                        image_shards: dict[str, str] | None = None) -> Iterator[dict[str, Any]]:
     """`parse_reinforced` records of `shards` (some of `info.shards`), joined shard by shard with their image
-    shards when given; malformed samples are skipped and recorded in `skips`."""
+    shards when given (`pair_image_shards`); malformed samples are skipped and recorded in `skips`."""
     for url in shards:
         raws = iter_raw_samples([url], skips)
         if image_shards is not None:
-            raws = join_images(raws, image_shards.get(basename(url)), skips)
+            raws = join_images(raws, image_shards.get(url), skips)
         for raw in raws:
             try:
                 yield parse_reinforced(raw, info.dims)
@@ -283,7 +291,7 @@ def open_reinforced(path: str | Path, images: str | Path | None = None, skips: S
     carry their undecoded image-text sample as `image_source` (for `shards.decode_sample`) and `image` is None."""
     info = read_info(path)
     skips = skips if skips is not None else SkipLog()
-    image_shards = image_shard_index(images) if images is not None else None
+    image_shards = pair_image_shards(info.shards, images) if images is not None else None
     for record in reinforced_records(info, info.shards, skips, image_shards):
         key, source, caption = record["key"], record["source"], record["caption"]
         image, image_bytes = None, b""

@@ -29,6 +29,7 @@ from mdcore.errors import UserInputError
 from mdcore.jsonio import read_json_file
 from mdcore.locks import hold_directory
 from mdcore.names import SHARD_STATS_SUFFIX
+from mdcore.processes import process_state
 from reinforced_data.augment import (
     AugmentationConfig,
     augmentation_generator,
@@ -240,8 +241,6 @@ def _run_signature(data: str, urls: list[str], teachers: Sequence[str], captione
 def reinforce(data: str, teachers: Sequence[str], out_dir: str | Path, config: ReinforceConfig,
               captioners: Sequence[str] = (), split: str = "train", progress: bool = True) -> dict[str, Any]:
     """Write a reinforced dataset of `data` to `out_dir` (resuming an unfinished run); returns its config.json."""
-    from accelerate import PartialState
-
     from teachers import load_captioner, load_ensemble
 
     if not teachers:
@@ -253,7 +252,7 @@ def reinforce(data: str, teachers: Sequence[str], out_dir: str | Path, config: R
     if (out_dir / CONFIG_NAME).is_file():
         raise UserInputError(f"{out_dir} is already a finished reinforced dataset (delete it to redo)")
     urls = resolve_shards(data, split)
-    state = PartialState()
+    state = process_state()
     # One run at a time on out_dir: a second is refused at once, and temporaries are only ever removed by the
     # run that owns the directory (those of a killed run, by the next one).
     with hold_directory(out_dir, enabled=state.is_main_process):

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from mdcore.configs import check_choice, check_range, check_types
 from mdcore.errors import UserInputError
+from mdcore.processes import make_accelerator
 from reinforced_data.examples import ImageTextSource, TransformExamples
 from reinforced_data.pipeline import ExampleStream, StreamTracker, default_num_workers, make_loader
 from reinforced_data.shards import resolve_shards
@@ -88,8 +89,9 @@ def optimizer_step(accelerator, model: nn.Module, optimizer, scheduler, loss: to
     accelerator.backward(loss)
     if accelerator.sync_gradients and grad_clip > 0:
         accelerator.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
-    scheduler.step()
+    optimizer.step()  # accelerate's wrapper steps only when the accumulated gradients are synchronized
+    if accelerator.sync_gradients:
+        scheduler.step()
     optimizer.zero_grad(set_to_none=True)
 
 
@@ -151,7 +153,6 @@ def train_teacher(
     provenance: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train `model_spec` (an architecture, or a model to fine-tune) on `data` and write a model directory."""
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     out_dir = Path(out_dir)
@@ -159,7 +160,7 @@ def train_teacher(
         raise UserInputError(f"{out_dir} already exists (delete it or pick another --out)")
     config.__post_init__()  # fields may have been changed since construction
     urls = resolve_shards(data, split)
-    accelerator = Accelerator(mixed_precision=config.mixed_precision,
+    accelerator = make_accelerator(mixed_precision=config.mixed_precision,
                               gradient_accumulation_steps=config.grad_accum_steps)
     set_seed(config.seed)
     loaded: LoadedModel = load_model(model_spec, device=accelerator.device, warn_random=False)
@@ -178,7 +179,7 @@ def train_teacher(
                                   betas=(0.9, 0.98), eps=1e-6)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: cosine_with_warmup(s, config.steps, min(config.warmup_steps, config.steps // 2 or 1)))
-    trainable, optimizer, scheduler = accelerator.prepare(trainable, optimizer, scheduler)
+    trainable, optimizer = accelerator.prepare(trainable, optimizer)  # the schedule steps once per update
     world = accelerator.num_processes
     distributed = dict(local_loss=world > 1, gather_with_grad=world > 1, rank=accelerator.process_index,
                        world_size=world)

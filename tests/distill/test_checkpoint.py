@@ -117,7 +117,7 @@ def _corrupt_schedule(path: Path) -> None:
 
 
 def _corrupt_rng(path: Path) -> None:
-    (path / "rng-0.json").write_text(json.dumps({"python": [3, [1, 2], None], "numpy": [], "torch": [1]}))
+    (path / "process-0.json").write_text(json.dumps({"rng": {"python": [3, [1, 2], None], "numpy": [], "torch": [1]}}))
 
 
 def _deep_state(path: Path) -> None:

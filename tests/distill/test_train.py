@@ -1,4 +1,5 @@
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -107,21 +108,35 @@ def test_online_teacher_trains_from_plain_image_text_shards(tiny_model_dirs, tmp
 
 
 @pytest.mark.slow
-def test_two_processes_train_with_the_losses_of_one(reinforced, tmp_path):
-    common = ["--data", str(reinforced), "--student", "md-student-tiny", "--steps", "4", "--batch-size", "8",
-              "log_every=1", "warmup_steps=1", "loss.w_clip=1.0", "loss.w_affinity=1.0"]
-    one = _cli(["distill", *common, "--out", str(tmp_path / "one")])
-    assert one.wait(timeout=600) == 0, one.stderr.read()
-    two = subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
-                            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m",
-                            "distill", "distill", *common, "--out", str(tmp_path / "two")],
-                           cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert two.wait(timeout=600) == 0, two.stderr.read()[-3000:]
-    rows_one, rows_two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
-    assert [r["step"] for r in rows_one] == [r["step"] for r in rows_two] == [0, 1, 2, 3]
-    for a, b in zip(rows_one, rows_two):  # same global batches, gathered losses, averaged gradients
+def test_two_processes_with_workers_resume_with_the_losses_of_an_uninterrupted_run(tmp_path, tiny_model_dirs):
+    """Two processes of one data worker each on three shards (uneven between them): a run stopped after its
+    step-3 checkpoint and resumed gives the uninterrupted run's losses, data order included."""
+    root = write_shapes_root(tmp_path / "shapes", per_pair=3, size=32, train_shards=3)
+    data = tmp_path / "dr"
+    reinforce(str(root), [str(tiny_model_dirs["teacher_a"])], data,
+              ReinforceConfig(num_augs=2, num_captions=0, augmentation=AugmentationConfig(size=32), num_workers=0),
+              progress=False)
+    common = ["distill", "--data", str(data), "--student", "md-student-tiny", "--steps", "6", "--batch-size", "8",
+              "--save-every", "3", "--num-workers", "1", "log_every=1", "warmup_steps=1", "loss.w_clip=1.0",
+              "loss.w_affinity=1.0", "shuffle_buffer=8"]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "distill"]
+    reference = subprocess.run([*launch, *common, "--out", str(tmp_path / "ref")], cwd=REPO, capture_output=True,
+                               text=True, timeout=600)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    run = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "ref", run)
+    (run / "open_clip_config.json").unlink()
+    shutil.rmtree(run / "checkpoints" / "step_6")  # as if stopped right after step 3's checkpoint
+    resumed = subprocess.run([*launch, *common, "--out", str(run), "--resume"], cwd=REPO, capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    rows_ref, rows = _losses(tmp_path / "ref"), _losses(run)
+    assert [r["step"] for r in rows] == [r["step"] for r in rows_ref] == list(range(6))
+    for a, b in zip(rows_ref, rows):
         for key in ("loss", "lr", "kd_real_loss", "clip_real_loss", "affinity_loss"):
-            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (a["step"], key)
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a["step"], key)
+    provenance = json.loads((run / "mobiledistill.json").read_text())
+    assert provenance["train"]["resumed_from"] == 3 and len(provenance["train"]["data"]["bytes_read_per_process"]) == 2
 
 
 def _cli(args, **kw):
@@ -132,7 +147,7 @@ def _cli(args, **kw):
 @pytest.mark.slow
 def test_killed_run_resumes_with_the_same_losses(reinforced, tmp_path):
     common = ["distill", "--data", str(reinforced), "--student", "md-student-tiny", "--steps", "12",
-              "--batch-size", "8", "--save-every", "3", "log_every=1", "warmup_steps=2"]
+              "--batch-size", "8", "--save-every", "3", "--num-workers", "2", "log_every=1", "warmup_steps=2"]
     reference = _cli([*common, "--out", str(tmp_path / "ref")])
     assert reference.wait(timeout=600) == 0, reference.stderr.read()
     run = tmp_path / "killed"

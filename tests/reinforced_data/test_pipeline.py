@@ -97,3 +97,36 @@ def test_uneven_shards_keep_every_process_fed(tmp_path):
         stream = ExampleStream(urls, ImageTextSource(), Raw(), 8, 0, 8, rank, 2, 2)
         batches = _take(stream, 2, 40)  # several epochs of either process's share, uneven as they are
         assert len(batches) == 40 and all(len(b) == 8 for b in batches)
+
+
+def test_embeddings_only_shards_join_their_image_shards_in_order_with_missing_images_counted(tmp_path,
+                                                                                           tiny_model_dirs):
+    import webdataset as wds
+
+    from reinforced_data.reader import open_reinforced
+    from reinforced_data.shards import SkipLog, iter_raw_samples
+    from reinforced_data.writer import ReinforceConfig, reinforce
+
+    root = write_shapes_root(tmp_path / "shapes", per_pair=2, size=32, train_shards=2)
+    full, bare = tmp_path / "full", tmp_path / "bare"
+    for out, store in ((full, True), (bare, False)):
+        reinforce(str(root), [str(tiny_model_dirs["teacher_a"])], out,
+                  ReinforceConfig(num_augs=2, num_captions=0, augmentation=AugmentationConfig(size=32),
+                                  store_images=store, num_workers=0), progress=False)
+    joined = list(open_reinforced(bare, images=root))  # output shard n pairs with input shard n by position
+    assert [(s["key"], s["caption"], s["image_bytes"]) for s in joined] == [
+        (s["key"], s["caption"], s["image_bytes"]) for s in open_reinforced(full)]
+    # an image shard that lacks one image and holds two others out of order
+    images = tmp_path / "images"
+    images.mkdir()
+    for n in range(2):
+        raws = list(iter_raw_samples([str(root / "train" / f"{n}.tar")]))
+        if n == 0:
+            raws = [raws[1], raws[0]] + raws[3:]  # the first two swapped, the fourth gone
+        with wds.TarWriter(str(images / f"{n}.tar")) as sink:
+            for raw in raws:
+                sink.write({k: v for k, v in raw.items() if k != "__url__"})
+    skips = SkipLog()
+    keys = [s["key"] for s in open_reinforced(bare, images=images, skips=skips)]
+    assert len(keys) == len(joined) - 1 and skips.sample_count == 1
+    assert skips.samples[0]["reason"].startswith("no image: its key is not in 0.tar")

@@ -217,9 +217,8 @@ def test_two_processes_write_the_same_dataset_as_one(data, tiny_model_dirs, tmp_
 
     one = _cli([sys.executable, "-m", "distill", *args(tmp_path / "one")])
     assert one.wait(timeout=600) == 0, one.stderr.read()
-    two = _cli([sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "distill",
-                *args(tmp_path / "two")])
+    two = _cli([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+                "distill", *args(tmp_path / "two")])
     assert two.wait(timeout=600) == 0, two.stderr.read()
     a, b = _members(tmp_path / "one"), _members(tmp_path / "two")
     assert a.keys() == b.keys() and len(a) > 0
