@@ -112,7 +112,7 @@ class Batch:
     epoch: int = 0  # that worker's epoch after this batch
     emitted: int = 0  # samples that worker's shuffle buffer had emitted in that epoch
     skips: list[SkipRecord] = field(default_factory=list)  # skipped since that worker's previous batch
-    bytes_read: int = 0  # by that worker so far
+    bytes_read: int = 0  # by that worker's stream so far
 
     @classmethod
     def collate(cls, examples: list[Example], **position: Any) -> "Batch":
@@ -200,6 +200,7 @@ class ExampleStream(torch.utils.data.IterableDataset):
         worker = ((info.id if info else 0) + self.rotation) % self.workers
         first_epoch, skip = self.positions.get(worker, (0, 0))
         skips = _WorkerSkips()
+        read_before = bytes_read()  # a forked worker starts with its parent's count
         examples: list[Example] = []
         for epoch in itertools.count(first_epoch):
             part = assign_shards(self.urls, self.seed, epoch, self.rank, self.world, worker, self.workers)
@@ -222,11 +223,12 @@ class ExampleStream(torch.utils.data.IterableDataset):
                 examples.append(example)
                 if len(examples) == self.batch_size:
                     yield Batch.collate(examples, worker=worker, epoch=epoch, emitted=emitted, skips=skips.take(),
-                                        bytes_read=bytes_read())
+                                        bytes_read=bytes_read() - read_before)
                     examples = []
             if emitted == 0:  # nothing readable in this worker's shards: it stops (the others go on)
                 if skips.pending:
-                    yield Batch.collate_empty(worker=worker, epoch=epoch, skips=skips.take(), bytes_read=bytes_read())
+                    yield Batch.collate_empty(worker=worker, epoch=epoch, skips=skips.take(),
+                                              bytes_read=bytes_read() - read_before)
                 return
             skip = 0
 

@@ -1,0 +1,228 @@
+"""The data path at work: parallel decoding, each process's share, bounded joins. Ratios measured in one run.
+
+    python bench/data_path.py --out runs/bench-data [--images 600 --shards 12]
+
+On an image-text set of 512x384 JPEGs that the script draws itself (gradients, shapes and grain, about the size of
+web photos as JPEG):
+  1. reinforce (md-teacher-s + md-teacher-m, random weights, no captioner, K=10, views at 256 px): images/s with
+     --num-workers 2 over 0 (goal >= 1.5x); the two datasets must be identical, member by member.
+  2. the loader alone over that reinforced set (decode + replay the stored view + normalize, to 256 px, no model):
+     samples/s with 2 workers over 0 (goal >= 1.8x).
+  3. distill md-student-tiny at 64 px on it: steps/s with --num-workers 2 over 0 (goal >= 1.4x).
+  4. two processes (torchrun, one data worker each) distilling within one epoch of their shares: bytes each process
+     read from the shards over the dataset's bytes (goal <= 0.55).
+  5. an embeddings-only (DataCompDR-layout) version of 2000 and of 500 of the images: peak resident memory of
+     `distill --images` and `inspect --images --html` on 2000 minus on 500 (goal < 60 MB), each in its own process.
+"""
+
+import argparse
+import io
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image, ImageDraw, ImageFilter
+
+REPO = Path(__file__).parents[1]
+sys.path.insert(0, str(REPO))
+
+from distill.recipe import load_recipe  # noqa: E402
+from distill.train import distill  # noqa: E402
+from reinforced_data.augment import AugmentationConfig  # noqa: E402
+from reinforced_data.examples import DistillExamples, ReinforcedSource  # noqa: E402
+from reinforced_data.pipeline import ExampleStream, make_loader  # noqa: E402
+from reinforced_data.reader import read_info  # noqa: E402
+from reinforced_data.writer import ReinforceConfig, reinforce  # noqa: E402
+from teachers import load_model, save_model_dir  # noqa: E402
+
+WORDS = ("red", "blue", "green", "orange", "circle", "square", "triangle", "over", "a", "sky", "field", "city")
+
+
+def photo(index: int) -> bytes:
+    """A 512x384 JPEG with some structure (a gradient, shapes) and grain, like a web photo as JPEG (~40-60 KB)."""
+    rng = np.random.default_rng(index)
+    top, bottom = rng.integers(0, 255, 3), rng.integers(0, 255, 3)
+    ramp = np.linspace(0, 1, 384)[:, None, None]
+    pixels = (top * (1 - ramp) + bottom * ramp) * np.ones((1, 512, 1))
+    image = Image.fromarray(pixels.astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    for _ in range(6):
+        x, y, r = rng.integers(0, 512), rng.integers(0, 384), rng.integers(20, 120)
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
+    image = image.filter(ImageFilter.GaussianBlur(1.5))
+    grain = rng.normal(0, 6, (384, 512, 3))
+    image = Image.fromarray(np.clip(np.asarray(image) + grain, 0, 255).astype(np.uint8))
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def write_photo_set(root: Path, count: int, shards: int) -> Path:
+    root.mkdir(parents=True)
+    sinks = [wds.TarWriter(str(root / f"{i:05d}.tar")) for i in range(shards)]
+    for n in range(count):
+        rng = np.random.default_rng(n)
+        caption = " ".join(rng.choice(WORDS, 6)) + "."
+        sinks[n % shards].write({"__key__": f"photo-{n:06d}", "jpg": photo(n), "txt": caption})
+    for sink in sinks:
+        sink.close()
+    return root
+
+
+def dataset_bytes(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.glob("*.tar"))
+
+
+def members(directory: Path) -> dict[str, bytes]:
+    out = {}
+    for path in sorted(directory.glob("*.tar")):
+        with tarfile.open(path) as tar:
+            for m in tar.getmembers():
+                out[f"{path.name}/{m.name}"] = tar.extractfile(m).read()
+    return out
+
+
+def loader_rate(dataset: Path, workers: int, batch: int, batches: int) -> float:
+    """Samples/s of the pipeline alone, from the first batch to the last (worker start-up excluded)."""
+    info = read_info(dataset)
+    source = ReinforcedSource(info, None, seed=0, aug_sampling="random")
+    examples = DistillExamples(info.augmentation, 256, (0.5,) * 3, (0.5,) * 3, seed=0, teacher_views=False)
+    stream = ExampleStream(info.shards, source, examples, batch, 0, 256, num_workers=workers)
+    loader = iter(make_loader(stream, workers, seed=0))
+    next(loader)
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(loader)
+    return batches * batch / (time.perf_counter() - start)
+
+
+def steps_per_second(run: Path, warmup: int) -> float:
+    rows = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    timed = [r for r in rows if r["step"] >= warmup]
+    return (timed[-1]["step"] - timed[0]["step"]) / (timed[-1]["elapsed_s"] - timed[0]["elapsed_s"])
+
+
+def peak_rss_mb(argv: list[str]) -> float:
+    """Peak resident memory (MB) of `mobiledistill argv` run in its own process."""
+    # VmHWM, the peak of this process's own memory (ru_maxrss would carry the parent's over fork and exec)
+    code = ("import re, sys; from distill.cli import main; code = main(sys.argv[1:]); "
+            "print('PEAK', re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)); "
+            "sys.exit(code)")
+    result = subprocess.run([sys.executable, "-c", code, *argv], cwd=REPO, capture_output=True, text=True)
+    if result.returncode:
+        raise SystemExit(f"{' '.join(argv)} failed: {result.stderr[-2000:]}")
+    line = next(x for x in result.stdout.splitlines() if x.startswith("PEAK"))
+    return int(line.split()[1]) / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="runs/bench-data")
+    parser.add_argument("--images", type=int, default=600)
+    parser.add_argument("--shards", type=int, default=12)
+    parser.add_argument("--num-augs", type=int, default=10)
+    parser.add_argument("--distill-steps", type=int, default=25)
+    parser.add_argument("--join-sizes", default="500,2000", help="sizes of the two embeddings-only sets")
+    args = parser.parse_args()
+    out = Path(args.out)
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    photos = write_photo_set(out / "photos", args.images, args.shards)
+    photo_bytes = dataset_bytes(photos)
+    print(f"{args.images} JPEGs of 512x384 in {args.shards} shards, {photo_bytes / args.images / 1024:.0f} KiB each")
+    teachers = []
+    for arch in ("md-teacher-s", "md-teacher-m"):
+        torch.manual_seed(0)
+        loaded = load_model(arch, warn_random=False)
+        teachers.append(str(save_model_dir(loaded.model, loaded.model_cfg, out / arch, tokenizer=loaded.tokenizer)))
+    results = {}
+
+    rates = {}
+    for workers in (0, 2):
+        config = ReinforceConfig(num_augs=args.num_augs, num_captions=0, dtype="fp16", num_workers=workers,
+                                 augmentation=AugmentationConfig(size=256))
+        start = time.perf_counter()
+        reinforce(str(photos), teachers, out / f"dr-w{workers}", config, progress=False)
+        rates[workers] = args.images / (time.perf_counter() - start)
+    identical = members(out / "dr-w0") == members(out / "dr-w2")
+    results["reinforce"] = {"images_per_s": rates, "ratio": rates[2] / rates[0], "identical": identical}
+    dr = out / "dr-w0"
+
+    batch = 32
+    loader = {w: loader_rate(dr, w, batch, (2 * args.images) // batch) for w in (0, 2)}
+    results["loader"] = {"samples_per_s": loader, "ratio": loader[2] / loader[0]}
+
+    distill_rates = {}
+    for workers in (0, 2):
+        run = out / f"distill-w{workers}"
+        config = load_recipe(None, [f"steps={args.distill_steps}", "batch_size=64", "log_every=1", "warmup_steps=2",
+                                    f"num_workers={workers}", "eval_split=none"])
+        distill(str(dr), run, config, progress=False)
+        distill_rates[workers] = steps_per_second(run, warmup=3)
+    results["distill"] = {"steps_per_s": distill_rates, "ratio": distill_rates[2] / distill_rates[0]}
+
+    # Three quarters of an epoch of each process's half at 32 samples a process a step: its shuffle buffer (2000)
+    # holds its whole share, so what it read is its share once, with no prefetch into the next epoch.
+    steps = max(1, (3 * args.images) // (4 * 64))
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "distill", "distill", "--data", str(dr), "--out", str(out / "two-processes"),
+                          "--steps", str(steps), "--batch-size", "64", "--num-workers", "1", "eval_split=none"],
+                         cwd=REPO, env=env, capture_output=True, text=True)
+    if two.returncode:
+        raise SystemExit(f"two-process run failed: {two.stderr[-3000:]}")
+    provenance = json.loads((out / "two-processes" / "mobiledistill.json").read_text())
+    per_process = provenance["train"]["data"]["bytes_read_per_process"]
+    total = dataset_bytes(dr)
+    results["two_processes"] = {"steps": steps, "dataset_bytes": total, "bytes_read_per_process": per_process,
+                                "fraction": [b / total for b in per_process]}
+
+    small, large = (int(n) for n in args.join_sizes.split(","))
+    memory = {}
+    for count in (small, large):
+        images = write_photo_set(out / f"join-images-{count}", count, max(1, count // 100))
+        bare = out / f"join-dr-{count}"
+        reinforce(str(images), teachers[:1], bare, ReinforceConfig(num_augs=2, num_captions=0, store_images=False,
+                                                                  augmentation=AugmentationConfig(size=64)),
+                  progress=False)
+        memory[count] = {
+            "distill": peak_rss_mb(["distill", "--data", str(bare), "--images", str(images), "--out",
+                                    str(out / f"join-run-{count}"), "--steps", "40", "--batch-size", "64",
+                                    "--num-workers", "0", "shuffle_buffer=256", "eval_split=none"]),
+            "inspect": peak_rss_mb(["inspect", str(bare), "--images", str(images), "--html",
+                                    str(out / f"join-{count}.html")]),
+        }
+    results["join_memory_mb"] = {**{str(k): v for k, v in memory.items()},
+                                 "growth": {k: memory[large][k] - memory[small][k] for k in ("distill", "inspect")}}
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+
+    r = results
+    print("\n| measure | 0 workers | 2 workers | ratio | goal |")
+    print("|---|---|---|---|---|")
+    print(f"| reinforce, K={args.num_augs}, images/s | {rates[0]:.1f} | {rates[2]:.1f} | {r['reinforce']['ratio']:.2f} "
+          f"| >= 1.5 |")
+    print(f"| loader alone to 256 px, samples/s | {loader[0]:.0f} | {loader[2]:.0f} | {r['loader']['ratio']:.2f} "
+          f"| >= 1.8 |")
+    print(f"| distill md-student-tiny 64 px, steps/s | {distill_rates[0]:.3f} | {distill_rates[2]:.3f} | "
+          f"{r['distill']['ratio']:.2f} | >= 1.4 |")
+    print(f"\nreinforce outputs identical with 0 and 2 workers: {identical}")
+    fractions = ", ".join(f"{f:.3f}" for f in r["two_processes"]["fraction"])
+    print(f"two processes, {steps} steps (within one epoch of each share): bytes read / dataset bytes = {fractions} "
+          "(goal <= 0.55)")
+    print(f"peak RSS, {small} -> {large} samples: distill --images {memory[small]['distill']:.0f} -> "
+          f"{memory[large]['distill']:.0f} MB, inspect --images {memory[small]['inspect']:.0f} -> "
+          f"{memory[large]['inspect']:.0f} MB (goal: growth < 60 MB)")
+    print(f"ru_maxrss of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()
