@@ -35,8 +35,6 @@ from PIL import Image, ImageDraw, ImageFilter
 REPO = Path(__file__).parents[1]
 sys.path.insert(0, str(REPO))
 
-from distill.recipe import load_recipe  # noqa: E402
-from distill.train import distill  # noqa: E402
 from reinforced_data.augment import AugmentationConfig  # noqa: E402
 from reinforced_data.examples import DistillExamples, ReinforcedSource  # noqa: E402
 from reinforced_data.pipeline import ExampleStream, make_loader  # noqa: E402
@@ -105,10 +103,46 @@ def loader_rate(dataset: Path, workers: int, batch: int, batches: int) -> float:
     return batches * batch / (time.perf_counter() - start)
 
 
+def reinforce_input_rate(photos: Path, workers: int, num_augs: int) -> float:
+    """Images/s of reinforce's input pipeline alone (decode, draw and replay K views at 256 px), no teacher."""
+    from reinforced_data.shards import resolve_shards
+    from reinforced_data.writer import _InputShards
+
+    config = ReinforceConfig(num_augs=num_augs, num_captions=0, augmentation=AugmentationConfig(size=256))
+    todo = list(enumerate(resolve_shards(str(photos))))
+    start, images = time.perf_counter(), 0
+    for prepared in make_loader(_InputShards(todo, config, []), workers, seed=0):
+        images += len(prepared.samples)
+    return images / (time.perf_counter() - start)
+
+
+def teachers_rate(teachers: list[str], num_augs: int, batches: int = 4) -> float:
+    """Images/s of the two teachers alone: K views at 256 px (each teacher resizes them) and one caption each."""
+    from teachers import load_ensemble
+
+    ensemble = load_ensemble(teachers)
+    per_batch = 256 // num_augs
+    views = torch.rand(per_batch * num_augs, 3, 256, 256)
+    captions = ["a red circle over a blue field."] * per_batch
+    ensemble.encode_image_tensors(views)
+    start = time.perf_counter()
+    for _ in range(batches):
+        ensemble.encode_image_tensors(views)
+        ensemble.encode_texts(captions)
+    return batches * per_batch / (time.perf_counter() - start)
+
+
 def steps_per_second(run: Path, warmup: int) -> float:
     rows = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
     timed = [r for r in rows if r["step"] >= warmup]
     return (timed[-1]["step"] - timed[0]["step"]) / (timed[-1]["elapsed_s"] - timed[0]["elapsed_s"])
+
+
+def cli(argv: list[str]) -> None:
+    """`mobiledistill argv` in its own process (the timings include its start-up, as a user's run does)."""
+    result = subprocess.run([sys.executable, "-m", "distill", *argv], cwd=REPO, capture_output=True, text=True)
+    if result.returncode:
+        raise SystemExit(f"{' '.join(argv)} failed: {result.stderr[-2000:]}")
 
 
 def peak_rss_mb(argv: list[str]) -> float:
@@ -147,14 +181,18 @@ def main() -> None:
     results = {}
 
     rates = {}
-    for workers in (0, 2):
-        config = ReinforceConfig(num_augs=args.num_augs, num_captions=0, dtype="fp16", num_workers=workers,
-                                 augmentation=AugmentationConfig(size=256))
+    for workers in (0, 2):  # the command line in a fresh process each, as a user runs it
         start = time.perf_counter()
-        reinforce(str(photos), teachers, out / f"dr-w{workers}", config, progress=False)
+        cli(["reinforce", "--data", str(photos), "--teacher", teachers[0], "--teacher", teachers[1],
+             "--num-augs", str(args.num_augs), "--num-captions", "0", "--aug-size", "256", "--dtype", "fp16",
+             "--num-workers", str(workers), "--out", str(out / f"dr-w{workers}")])
         rates[workers] = args.images / (time.perf_counter() - start)
     identical = members(out / "dr-w0") == members(out / "dr-w2")
-    results["reinforce"] = {"images_per_s": rates, "ratio": rates[2] / rates[0], "identical": identical}
+    # where a reinforce run's time goes: its input pipeline alone, and the teachers alone on ready views
+    pipeline_rates = {w: reinforce_input_rate(photos, w, args.num_augs) for w in (0, 2)}
+    teacher_rate = teachers_rate(teachers, args.num_augs)
+    results["reinforce"] = {"images_per_s": rates, "ratio": rates[2] / rates[0], "identical": identical,
+                            "input_pipeline_images_per_s": pipeline_rates, "teachers_images_per_s": teacher_rate}
     dr = out / "dr-w0"
 
     batch = 32
@@ -164,9 +202,8 @@ def main() -> None:
     distill_rates = {}
     for workers in (0, 2):
         run = out / f"distill-w{workers}"
-        config = load_recipe(None, [f"steps={args.distill_steps}", "batch_size=64", "log_every=1", "warmup_steps=2",
-                                    f"num_workers={workers}", "eval_split=none"])
-        distill(str(dr), run, config, progress=False)
+        cli(["distill", "--data", str(dr), "--out", str(run), "--steps", str(args.distill_steps), "--batch-size", "64",
+             "--num-workers", str(workers), "log_every=1", "warmup_steps=2", "eval_split=none"])
         distill_rates[workers] = steps_per_second(run, warmup=3)
     results["distill"] = {"steps_per_s": distill_rates, "ratio": distill_rates[2] / distill_rates[0]}
 
@@ -215,6 +252,8 @@ def main() -> None:
     print(f"| distill md-student-tiny 64 px, steps/s | {distill_rates[0]:.3f} | {distill_rates[2]:.3f} | "
           f"{r['distill']['ratio']:.2f} | >= 1.4 |")
     print(f"\nreinforce outputs identical with 0 and 2 workers: {identical}")
+    print(f"reinforce's input pipeline alone: {pipeline_rates[0]:.1f} images/s with 0 workers, "
+          f"{pipeline_rates[2]:.1f} with 2; the two teachers alone: {teacher_rate:.1f} images/s")
     fractions = ", ".join(f"{f:.3f}" for f in r["two_processes"]["fraction"])
     print(f"two processes, {steps} steps (within one epoch of each share): bytes read / dataset bytes = {fractions} "
           "(goal <= 0.55)")

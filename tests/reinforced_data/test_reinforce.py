@@ -70,11 +70,13 @@ def test_replay_gives_the_very_tensor_the_teachers_saw(data, tiny_model_dirs, tm
             assert torch.equal(replayed, views[n * 3 + k])
 
 
-def test_same_dataset_whatever_the_batch_size(data, tiny_model_dirs, tmp_path):
+def test_same_dataset_whatever_the_batch_size_and_worker_count(data, tiny_model_dirs, tmp_path):
     teachers = [str(tiny_model_dirs["teacher_a"]), str(tiny_model_dirs["teacher_b"])]
     captioners = [str(tiny_model_dirs["captioner"])]
-    reinforce(str(data), teachers, tmp_path / "a", _config(batch_size=3), captioners=captioners, progress=False)
-    reinforce(str(data), teachers, tmp_path / "b", _config(batch_size=64), captioners=captioners, progress=False)
+    reinforce(str(data), teachers, tmp_path / "a", _config(batch_size=3, num_workers=0), captioners=captioners,
+              progress=False)
+    reinforce(str(data), teachers, tmp_path / "b", _config(batch_size=64, num_workers=2), captioners=captioners,
+              progress=False)
     a, b = _members(tmp_path / "a"), _members(tmp_path / "b")
     assert a.keys() == b.keys() and len(a) > 0
     for name in a:
