@@ -15,22 +15,25 @@ web photos as JPEG):
      `distill --images` and `inspect --images --html` on 2000 minus on 500 (goal < 60 MB), each in its own process.
 """
 
-import argparse
-import io
-import json
 import os
-import resource
-import shutil
-import subprocess
-import sys
-import tarfile
-import time
-from pathlib import Path
 
-import numpy as np
-import torch
-import webdataset as wds
-from PIL import Image, ImageDraw, ImageFilter
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the command line sets it, before torch loads
+
+import argparse  # noqa: E402
+import io  # noqa: E402
+import json  # noqa: E402
+import resource  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tarfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import webdataset as wds  # noqa: E402
+from PIL import Image, ImageDraw, ImageFilter  # noqa: E402
 
 REPO = Path(__file__).parents[1]
 sys.path.insert(0, str(REPO))

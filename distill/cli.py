@@ -144,6 +144,12 @@ def _cmd_reinforce(args: argparse.Namespace) -> int:
     from reinforced_data.augment import AugmentationConfig
     from reinforced_data.writer import ReinforceConfig, reinforce
 
+    if args.add_to is not None:
+        return _add_to(args)
+    missing = [flag for flag, value in (("--data", args.data), ("--teacher", args.teacher), ("--out", args.out))
+               if not value]
+    if missing:
+        raise UserInputError(f"reinforce needs {', '.join(missing)} (or --add-to DR_DIR to extend a dataset)")
     if args.aug_size is not None and args.aug_size < 8:
         raise UserInputError("--aug-size must be at least 8")
     augmentation = AugmentationConfig(size=args.aug_size or _reference_size(args.teacher),
@@ -158,6 +164,23 @@ def _cmd_reinforce(args: argparse.Namespace) -> int:
               f"{counts['bytes_per_sample'] / 1024:.1f} KiB per sample ({result['dtype']}, K={result['num_augs']}, "
               f"C={result['num_captions']}, {len(result['teachers'])} teachers)")
         _report_skips(result["skips"])
+    return 0
+
+
+def _add_to(args: argparse.Namespace) -> int:
+    from reinforced_data.extend import extend_reinforced
+
+    if args.data or args.out:
+        raise UserInputError("--add-to extends DR_DIR in place: give neither --data nor --out")
+    if len(args.captioner or []) + len(args.teacher or []) != 1:
+        raise UserInputError("--add-to adds one --captioner SPEC:TAG or one --teacher SPEC at a time")
+    result = extend_reinforced(args.add_to, captioner=(args.captioner or [None])[0],
+                               teacher=(args.teacher or [None])[0], num_captions=args.num_captions,
+                               images=args.images, batch_size=max(1, args.batch_size // max(1, args.num_captions)))
+    added = result["extensions"][-1]
+    print(f"extended {args.add_to}: added {added['op']} {added['spec']} in {added['wall_s']} s "
+          f"({len(result['teachers'])} teachers, caption sets: "
+          f"{', '.join(s['key'] for s in result.get('caption_sets', [])) or 'none'})")
     return 0
 
 
@@ -330,13 +353,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     rf = commands.add_parser("reinforce", help="write a reinforced dataset: teacher embeddings of stored augmentations "
                                               "and synthetic captions")
-    rf.add_argument("--data", required=True, help="image-text shards: dataset root, directory or shard pattern")
+    rf.add_argument("--data", default=None, help="image-text shards: dataset root, directory or shard pattern")
     rf.add_argument("--split", default="train", help="split of a dataset root")
-    rf.add_argument("--teacher", action="append", required=True, help="teacher model spec (repeat for an ensemble)")
-    rf.add_argument("--captioner", action="append", default=None, help="CoCa model spec (repeatable)")
+    rf.add_argument("--teacher", action="append", default=None, help="teacher model spec (repeat for an ensemble)")
+    rf.add_argument("--captioner", action="append", default=None, metavar="SPEC[:TAG]",
+                    help="CoCa model spec, with the tag of its caption set syn_text_<TAG> (repeatable)")
     rf.add_argument("--num-augs", type=int, default=10, help="augmentations stored per image (K)")
-    rf.add_argument("--num-captions", type=int, default=5, help="synthetic captions per image (C)")
-    rf.add_argument("--out", required=True, help="reinforced dataset directory")
+    rf.add_argument("--num-captions", type=int, default=5, help="synthetic captions per image and captioner (C)")
+    rf.add_argument("--out", default=None, help="reinforced dataset directory")
+    rf.add_argument("--add-to", default=None, metavar="DR_DIR",
+                    help="add one --captioner SPEC:TAG or one --teacher SPEC to this finished dataset, in place")
+    rf.add_argument("--images", default=None, help="with --add-to: image shards of an embeddings-only dataset")
     rf.add_argument("--dtype", default="fp16", choices=["fp32", "fp16", "bf16", "int8"])
     rf.add_argument("--seed", type=int, default=0)
     rf.add_argument("--batch-size", type=int, default=256, help="augmented views per teacher forward pass")
@@ -346,7 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     rf.add_argument("--no-rand-augment", action="store_true", help="crops only")
     rf.add_argument("--embeddings-only", action="store_true", help="do not copy images (join them by key later)")
     rf.add_argument("--num-workers", type=int, default=None, help=_WORKERS_HELP)
-    rf.set_defaults(func=_cmd_reinforce, paths=_Paths(("data", "teacher", "captioner"), (("out", "--out"),)))
+    rf.set_defaults(func=_cmd_reinforce, paths=_Paths(("data", "teacher", "captioner", "images", "add_to"),
+                                                      (("out", "--out"),)))
 
     ins = commands.add_parser("inspect", help="summarize a reinforced dataset (ours or Apple's DataCompDR)")
     ins.add_argument("path", help="reinforced dataset directory or shard pattern")

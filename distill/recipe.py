@@ -15,6 +15,7 @@ import yaml
 
 from mdcore.configs import check_choice, check_range, check_types, matches_type, type_name
 from mdcore.errors import UserInputError, first_line
+from reinforced_data.examples import CaptionChoice
 
 __all__ = ["LossWeights", "PruneConfig", "DistillConfig", "load_recipe", "apply_overrides", "stage_config",
            "validate_recipe"]
@@ -76,6 +77,7 @@ class DistillConfig:
     shuffle_buffer: int = 2000  # samples held for shuffling, per process (split among its data workers)
     num_workers: int | None = None  # data workers per process (None: the cores per process less one; 0: in-process)
     loss: LossWeights = field(default_factory=LossWeights)
+    captions: CaptionChoice = field(default_factory=CaptionChoice)  # which synthetic captions, how (MobileCLIP2)
     prune: PruneConfig = field(default_factory=PruneConfig)
     stages: list[dict] = field(default_factory=list)  # progressive runs: each entry overrides keys for one stage
 
@@ -143,6 +145,7 @@ def validate_recipe(config: DistillConfig) -> DistillConfig:
         check_range(f"loss.{name}", getattr(loss, name), 0)
     check_range("loss.affinity_logit_scale", loss.affinity_logit_scale, 0, low_open=True)
     check_range("loss.reference_teacher", loss.reference_teacher, 0)
+    config.captions.validate()
     prune = config.prune
     check_range("prune.target_sparsity", prune.target_sparsity, 0, 0.99)
     check_range("prune.start_sparsity", prune.start_sparsity, 0, 0.99)

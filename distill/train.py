@@ -294,7 +294,8 @@ def _distill(data: str, run_dir: Path, config: DistillConfig, images: str | None
         teacher_records = info.teachers
     if info is not None:
         augmentation, urls = info.augmentation, info.shards
-        source = ReinforcedSource(info, image_shards, config.seed, config.aug_sampling, embeddings=ensemble is None)
+        source = ReinforcedSource(info, image_shards, config.seed, config.aug_sampling, embeddings=ensemble is None,
+                                  captions=config.captions)
     else:  # views at the largest input size among the teachers and the student, each model resizing its own
         largest = max([size, *(t.image_size[0] for t in ensemble.teachers)])
         augmentation, urls, source = AugmentationConfig(size=largest), plain_urls, ImageTextSource()

@@ -23,8 +23,8 @@ __all__ = ["hold_directory", "holds_nothing", "remove_temporaries"]
 @contextlib.contextmanager
 def hold_directory(directory: str | Path, enabled: bool = True) -> Iterator[Path]:
     """Create `directory` if needed and hold its lock for the duration of the block (`UserInputError` when another
-    process holds it). The lock file is removed when the block ends without an error, and a directory this call
-    created is removed again when the block fails before anything else was written into it. `enabled=False` holds
+    process holds it). The lock file is removed when the block ends, and a directory this call created is removed
+    again when the block fails before anything else was written into it. `enabled=False` holds
     nothing: only the main process of a multi-process run takes the lock, the others belong to the same run."""
     directory = Path(directory)
     if not enabled:
@@ -33,26 +33,30 @@ def hold_directory(directory: str | Path, enabled: bool = True) -> Iterator[Path
     created = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / LOCK
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    failed = True
-    try:
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             # A POSIX record lock belongs to this process alone: unlike flock's, it is not shared with the children
             # this process forks (DataLoader workers), so it goes when this process goes, however it goes.
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except (BlockingIOError, PermissionError):
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)  # the holder's file stays: it is not ours to remove
             raise UserInputError(f"{directory} is in use by another run (process {holder}); wait for it to finish "
                                  "or pick another --out") from None
+        if path.exists() and os.stat(path).st_ino == os.fstat(fd).st_ino:
+            break
+        os.close(fd)  # a holder removed the file as it finished, after this process opened it: take a fresh one
+    failed = True
+    try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield directory
         failed = False
     finally:
-        if not failed or created and {p.name for p in directory.iterdir()} <= {LOCK}:
-            path.unlink(missing_ok=True)  # finished, or failed before writing: leave no lock file behind
-            if failed:
-                directory.rmdir()
+        path.unlink(missing_ok=True)  # however the block ended, the holder leaves no lock file behind
+        if failed and created and not any(directory.iterdir()):
+            directory.rmdir()  # a run that failed before writing anything leaves no directory either
         os.close(fd)  # closing the descriptor releases the lock
 
 

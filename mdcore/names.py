@@ -2,8 +2,8 @@
 
 __all__ = [
     "MODEL_CONFIG", "MODEL_WEIGHTS", "PROVENANCE", "RUN_LOG", "RUN_RECIPE", "STAGES_RECIPE", "CHECKPOINTS",
-    "REINFORCED_CONFIG", "REINFORCE_RUN", "SHARD_STATS_SUFFIX", "DATASET_MANIFEST", "NSHARDS", "CLASSNAMES",
-    "TEMPLATES", "EXPORT_REPORT", "PREPROCESS", "TOKENIZER", "BENCH", "LOCK", "PROTECTED_NAMES",
+    "REINFORCED_CONFIG", "REINFORCE_RUN", "EXTEND_RUN", "SHARD_STATS_SUFFIX", "DATASET_MANIFEST", "NSHARDS",
+    "CLASSNAMES", "TEMPLATES", "EXPORT_REPORT", "PREPROCESS", "TOKENIZER", "BENCH", "LOCK", "PROTECTED_NAMES",
 ]
 
 # model and run directories (open_clip's local-dir layout, and what training adds)
@@ -18,6 +18,7 @@ CHECKPOINTS = "checkpoints"
 # datasets
 REINFORCED_CONFIG = "config.json"  # DataCompDR's name; written last, it marks a reinforced dataset complete
 REINFORCE_RUN = "reinforce_run.json"  # the arguments of an unfinished reinforce run
+EXTEND_RUN = "extend_run.json"  # what an unfinished `reinforce --add-to` is adding
 SHARD_STATS_SUFFIX = ".stats.json"  # beside each reinforced shard: its counts and skipped samples
 DATASET_MANIFEST = "manifest.json"
 NSHARDS = "nshards.txt"
@@ -36,6 +37,7 @@ LOCK = ".mobiledistill.lock"  # held by the process that owns a directory being 
 # HTML) inside an input directory.
 PROTECTED_NAMES = frozenset({
     MODEL_CONFIG, MODEL_WEIGHTS, PROVENANCE, RUN_LOG, RUN_RECIPE, STAGES_RECIPE, REINFORCED_CONFIG, REINFORCE_RUN,
+    EXTEND_RUN,
     DATASET_MANIFEST, NSHARDS, CLASSNAMES, TEMPLATES, EXPORT_REPORT, PREPROCESS, TOKENIZER, LOCK,
     "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "step.json", "state.json",
 })

@@ -32,7 +32,8 @@ def _teacher_dims(info: ReinforcedInfo, total_dim: int) -> list[dict[str, Any]]:
 
 
 def inspect_reinforced(path: str | Path) -> dict[str, Any]:
-    """The design's summary: format, num_samples, num_augs, num_captions, teachers, dtype, bytes_per_sample."""
+    """The design's summary: format, num_samples, num_augs, num_captions (all sets'), caption_sets (key and
+    captions of each), teachers, dtype, bytes_per_sample, and skips."""
     info = read_info(path)
     counts = info.config.get("counts")
     skips = SkipLog()
@@ -50,6 +51,7 @@ def inspect_reinforced(path: str | Path) -> dict[str, Any]:
         "num_samples": num_samples,
         "num_augs": int(first["image_emb"].shape[0]),
         "num_captions": int(first["text_emb"].shape[0]) - 1,
+        "caption_sets": [{"key": key, "captions": count} for key, count in first["caption_sets"].items()],
         "teachers": _teacher_dims(info, int(first["image_emb"].shape[1])),
         "dtype": info.dtype or _guess_dtype(info),
         "bytes_per_sample": round(bytes_per_sample, 1) if isinstance(bytes_per_sample, (int, float)) else None,

@@ -2,15 +2,19 @@
 
 `open_reinforced(path, images=None)` yields one dict per sample:
 
-    key, image (PIL or None), caption (str or None), syn_captions (list[str]),
-    param_aug (K stored augmentations, DataCompDR layout), image_emb (K, D) and text_emb (1 + C, D) float32 tensors
-    (row 0 of text_emb is the real caption), image_bytes, meta (the `json` member)
+    key, image (PIL or None), caption (str or None), syn_captions (list[str], every caption set's in order),
+    caption_sets ({key: number of captions}, e.g. {"syn_text_coca": 5}), param_aug (K stored augmentations,
+    DataCompDR layout), image_emb (K, D) and text_emb (1 + C, D) float32 tensors (row 0 of text_emb is the real
+    caption, then the synthetic ones in syn_captions' order), image_bytes, meta (the `json` member)
 
-Apple's shards hold no images or captions (they are in the DataComp shards of the same keys): give those shards as
-`images` and they are joined by `__key__`. Embeddings stored as int8 are dequantized with the teachers' dimensions
-from config.json.
+Synthetic captions come in sets, `syn_text<suffix>` keys of `syn.json`: one set `syn_text` whose embeddings follow
+the real caption's in `text_emb` (DataCompDR v1, older mobiledistill datasets), or one set per captioner with its
+embeddings under `<key>_emb` (Apple's newer layout, and what `reinforce` writes). Apple's shards hold no images or
+captions (they are in the DataComp shards of the same keys): give those shards as `images` and they are joined by
+`__key__`. Embeddings stored as int8 are dequantized with the teachers' dimensions from config.json.
 """
 
+import re
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,7 +26,7 @@ import torch
 
 from mdcore.errors import UserInputError
 from mdcore.jsonio import MAX_JSON_BYTES, parse_json, read_json_file
-from mdcore.names import REINFORCE_RUN, REINFORCED_CONFIG
+from mdcore.names import EXTEND_RUN, REINFORCE_RUN, REINFORCED_CONFIG
 from reinforced_data.augment import AugmentationConfig, check_augmentation
 from reinforced_data.locations import basename, is_url, join, location_exists, read_bytes
 from reinforced_data.shards import (
@@ -34,10 +38,11 @@ from reinforced_data.shards import (
     parse_metadata,
     resolve_shards,
 )
-from reinforced_data.storage import STORAGE_DTYPES, decode_embeddings
+from reinforced_data.storage import STORAGE_DTYPES, decode_embedding_arrays
 
 __all__ = ["ReinforcedInfo", "read_info", "open_reinforced", "reinforced_records", "parse_reinforced",
-           "pair_image_shards", "join_images", "parse_param_aug", "parse_synthetic_captions"]
+           "pair_image_shards", "join_images", "parse_param_aug", "parse_caption_sets", "parse_synthetic_captions",
+           "SYN_KEY"]
 
 
 @dataclass
@@ -112,8 +117,9 @@ def _check_config(config: dict[str, Any], teachers: list[Any], where: str) -> No
         raise bad("reinforce.image_augmentation is not an object")
 
 
-def read_info(path: str | Path) -> ReinforcedInfo:
-    """Describe a reinforced dataset directory (or shard pattern) from its config.json, checked."""
+def read_info(path: str | Path, allow_extending: bool = False) -> ReinforcedInfo:
+    """Describe a reinforced dataset directory (or shard pattern) from its config.json, checked. A dataset that an
+    unfinished `reinforce --add-to` is extending is refused (`allow_extending`: by that command itself)."""
     path_str = str(path)
     remote = is_url(path_str)
     directory = remote and "{" not in path_str and not path_str.rstrip("/").endswith(".tar") or (
@@ -126,6 +132,9 @@ def read_info(path: str | Path) -> ReinforcedInfo:
         elif Path(path_str, REINFORCE_RUN).is_file():
             raise UserInputError(f"{path_str} is an unfinished reinforced dataset (run `reinforce` again to finish "
                                  "it)")
+        if Path(path_str, EXTEND_RUN).is_file() and not allow_extending:
+            raise UserInputError(f"{path_str} is being extended by an unfinished `reinforce --add-to` (run it again "
+                                 "to finish it)")
     elif directory and location_exists(config_path):
         try:
             config = parse_json(read_bytes(config_path, MAX_JSON_BYTES))
@@ -173,30 +182,64 @@ def parse_param_aug(member: bytes | str) -> list:
     return value
 
 
-def parse_synthetic_captions(member: bytes | str) -> list[str]:
-    """`syn.json` -> its `syn_text` captions; ValueError when it is not an object holding a list of strings."""
+SYN_KEY = re.compile(r"^syn_text[A-Za-z0-9_\-]*$")  # Apple's caption sets: syn_text, syn_text_<tag>, ...
+
+
+def parse_caption_sets(member: bytes | str) -> dict[str, list[str]]:
+    """`syn.json` -> its caption sets, {key: captions} for every key `syn_text<suffix>` (Apple's layout: one set,
+    `syn_text`, in DataCompDR v1; one per captioner in the newer one). ValueError when it is not an object of
+    lists of strings."""
     record = _json_member({"syn.json": member}, "syn.json")
     if not isinstance(record, dict):
         raise ValueError("syn.json is not an object")
-    captions = record.get("syn_text", [])
-    if not isinstance(captions, list) or len(captions) > MAX_CAPTIONS or not all(
-            isinstance(c, str) and len(c) <= MAX_CAPTION_CHARS for c in captions):
-        raise ValueError(f"syn_text is not a list of at most {MAX_CAPTIONS} captions")
-    return captions
+    sets = {}
+    for key, captions in record.items():
+        if not SYN_KEY.match(key):
+            continue
+        if not isinstance(captions, list) or len(captions) > MAX_CAPTIONS or not all(
+                isinstance(c, str) and len(c) <= MAX_CAPTION_CHARS for c in captions):
+            raise ValueError(f"{key} is not a list of at most {MAX_CAPTIONS} captions")
+        sets[key] = captions
+    return sets
 
 
-def _check_embeddings(image_emb: np.ndarray, text_emb: np.ndarray, dims: list[int] | None, num_views: int,
-                      num_captions: int) -> None:
+def parse_synthetic_captions(member: bytes | str) -> list[str]:
+    """`syn.json` -> all its synthetic captions, set after set (`parse_caption_sets`)."""
+    return [c for captions in parse_caption_sets(member).values() for c in captions]
+
+
+def _caption_set_embeddings(sets: dict[str, list[str]], arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Each caption set's embeddings: `<key>_emb` (the newer layout), or else the rows after the real caption's in
+    `text_emb`, set after set (DataCompDR v1 and older mobiledistill datasets)."""
+    text_emb, offset, out = arrays["text_emb"], 1, {}
+    for key, captions in sets.items():
+        if f"{key}_emb" in arrays:
+            out[key] = arrays[f"{key}_emb"]
+            if len(out[key]) != len(captions):
+                raise ValueError(f"{len(captions)} captions in {key} but {len(out[key])} rows in {key}_emb")
+        else:
+            out[key] = text_emb[offset:offset + len(captions)]
+            if len(out[key]) != len(captions):
+                raise ValueError(f"{len(captions)} captions in {key} but only {len(out[key])} text embedding rows "
+                                 "for them")
+            offset += len(captions)
+    return out
+
+
+def _check_embeddings(arrays: dict[str, np.ndarray], dims: list[int] | None, num_views: int) -> None:
     """What a sample's embeddings must be for its views and captions to use them (ValueError otherwise)."""
-    if image_emb.ndim != 2 or text_emb.ndim != 2 or image_emb.shape[1] != text_emb.shape[1]:
-        raise ValueError(f"embeddings of shapes {image_emb.shape} and {text_emb.shape} are not (rows, D) alike")
-    if dims is not None and image_emb.shape[1] != sum(dims):
-        raise ValueError(f"embedding dimension {image_emb.shape[1]} is not the teachers' {sum(dims)}")
+    image_emb = arrays["image_emb"]
+    width = image_emb.shape[1] if image_emb.ndim == 2 else None
+    for name, values in arrays.items():
+        if values.ndim != 2 or values.shape[1] != width:
+            raise ValueError(f"{name} of shape {values.shape} is not (rows, D) like image_emb {image_emb.shape}")
+    if dims is not None and width != sum(dims):
+        raise ValueError(f"embedding dimension {width} is not the teachers' {sum(dims)}")
     if not len(image_emb) or num_views and num_views != len(image_emb):
         raise ValueError(f"{num_views} stored augmentations but {len(image_emb)} image embedding rows")
-    if len(text_emb) < 1 + num_captions:
-        raise ValueError(f"{num_captions} synthetic captions but {len(text_emb)} text embedding rows")
-    if not (np.isfinite(image_emb).all() and np.isfinite(text_emb).all()):
+    if not len(arrays["text_emb"]):
+        raise ValueError("text_emb has no row for the caption")
+    if not all(np.isfinite(values).all() for values in arrays.values()):
         raise ValueError("embeddings are not finite")
 
 
@@ -255,15 +298,21 @@ def join_images(raws: Iterator[dict[str, Any]], image_shard: str | None, skips: 
 
 def parse_reinforced(raw: dict[str, Any], dims: list[int] | None) -> dict[str, Any]:
     """A raw reinforced sample checked and decoded, its image left undecoded: key, url, caption (or None),
-    syn_captions, param_aug, image_emb (K, D) and text_emb (1 + C, D) float32 arrays, meta, and `source`, the raw
-    sample itself when it holds an image (else None). ValueError with the reason when it is malformed."""
+    param_aug, image_emb (K, D) float32, caption_sets {key: (captions, embeddings (C_k, D))}, and the flat view
+    of them every reader had before caption sets, syn_captions (all sets' captions in order) and text_emb
+    (1 + C, D) (row 0 the real caption's), meta, and `source`, the raw sample itself when it holds an image (else
+    None). ValueError with the reason when it is malformed."""
     ext, blob = _embedding_member(raw)
-    image_emb, text_emb = decode_embeddings(ext, blob, dims)
+    arrays = decode_embedding_arrays(ext, blob, dims)
     param_aug = parse_param_aug(raw["paug.json"]) if "paug.json" in raw else []
-    syn = parse_synthetic_captions(raw["syn.json"]) if "syn.json" in raw else []
-    _check_embeddings(image_emb, text_emb, dims, len(param_aug), len(syn))
+    _check_embeddings(arrays, dims, len(param_aug))
+    sets = parse_caption_sets(raw["syn.json"]) if "syn.json" in raw else {}
+    set_embeddings = _caption_set_embeddings(sets, arrays)
+    caption_sets = {key: (captions, set_embeddings[key]) for key, captions in sets.items()}
+    text_emb = np.concatenate([arrays["text_emb"][:1], *set_embeddings.values()])
     return {"key": raw["__key__"], "url": raw["__url__"], "caption": _caption(raw) if "txt" in raw else None,
-            "syn_captions": syn, "param_aug": param_aug, "image_emb": image_emb, "text_emb": text_emb,
+            "syn_captions": [c for captions in sets.values() for c in captions], "param_aug": param_aug,
+            "image_emb": arrays["image_emb"], "text_emb": text_emb, "caption_sets": caption_sets,
             "meta": parse_metadata(raw["json"]) if "json" in raw else {},
             "source": raw if any(e in raw for e in IMAGE_EXTENSIONS) else None}
 
@@ -305,6 +354,7 @@ def open_reinforced(path: str | Path, images: str | Path | None = None, skips: S
             skips.skip_sample(key, str(e), record["url"])
             continue
         yield {"key": key, "image": image, "caption": caption, "syn_captions": record["syn_captions"],
+               "caption_sets": {k: len(captions) for k, (captions, _) in record["caption_sets"].items()},
                "param_aug": record["param_aug"], "image_emb": torch.from_numpy(record["image_emb"]),
                "text_emb": torch.from_numpy(record["text_emb"]), "image_bytes": image_bytes, "meta": record["meta"],
                **({} if decode_images else {"image_source": source})}

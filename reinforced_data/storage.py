@@ -16,8 +16,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-__all__ = ["STORAGE_DTYPES", "MAX_EMBEDDING_BYTES", "encode_embeddings", "decode_embeddings", "stored_dtype",
-           "quantize_int8", "dequantize_int8"]
+__all__ = ["STORAGE_DTYPES", "MAX_EMBEDDING_BYTES", "encode_embeddings", "decode_embeddings",
+           "decode_embedding_arrays", "read_arrays", "write_arrays", "stored_dtype", "quantize_int8",
+           "dequantize_int8"]
 
 STORAGE_DTYPES = ("fp32", "fp16", "bf16", "int8")
 
@@ -47,29 +48,36 @@ def dequantize_int8(values: np.ndarray, scales: np.ndarray, dims: Sequence[int])
     return out
 
 
-def encode_embeddings(image_emb: np.ndarray, text_emb: np.ndarray, dtype: str, dims: Sequence[int]
-                      ) -> tuple[str, bytes]:
-    """(member extension, bytes) of one sample's embeddings in the storage dtype."""
-    if dtype == "bf16":
-        buffer = io.BytesIO()
-        torch.save({"image_emb": torch.from_numpy(image_emb).to(torch.bfloat16),
-                    "text_emb": torch.from_numpy(text_emb).to(torch.bfloat16)}, buffer)
-        return "pth.gz", gzip.compress(buffer.getvalue(), compresslevel=6, mtime=0)
-    arrays: dict[str, np.ndarray]
-    if dtype == "int8":
-        image_q, image_s = quantize_int8(image_emb, dims)
-        text_q, text_s = quantize_int8(text_emb, dims)
-        arrays = {"image_emb": image_q, "image_emb_scale": image_s, "text_emb": text_q, "text_emb_scale": text_s}
-    elif dtype in ("fp32", "fp16"):
-        np_dtype = np.float32 if dtype == "fp32" else np.float16
-        arrays = {"image_emb": image_emb.astype(np_dtype), "text_emb": text_emb.astype(np_dtype)}
-    else:
+def encode_embeddings(image_emb: np.ndarray, text_emb: np.ndarray, dtype: str, dims: Sequence[int],
+                      extra: dict[str, np.ndarray] | None = None) -> tuple[str, bytes]:
+    """(member extension, bytes) of one sample's embeddings in the storage dtype: `image_emb`, `text_emb` and any
+    `extra` arrays of the same width (a captioner's caption embeddings, `syn_text<suffix>_emb`)."""
+    named = {"image_emb": image_emb, "text_emb": text_emb, **(extra or {})}
+    if dtype not in STORAGE_DTYPES:
         raise ValueError(f"unknown storage dtype {dtype!r} (one of {', '.join(STORAGE_DTYPES)})")
+    if dtype == "bf16":
+        return "pth.gz", write_arrays("pth.gz", {k: torch.from_numpy(np.ascontiguousarray(v)).to(torch.bfloat16)
+                                                 for k, v in named.items()})
+    arrays: dict[str, np.ndarray] = {}
+    for name, value in named.items():
+        if dtype == "int8":
+            arrays[name], arrays[f"{name}_scale"] = quantize_int8(value, dims)
+        else:
+            arrays[name] = value.astype(np.float32 if dtype == "fp32" else np.float16)
+    return "npz", write_arrays("npz", arrays)
+
+
+def write_arrays(ext: str, arrays: dict) -> bytes:
+    """An embeddings member holding `arrays` as they are (numpy arrays for npz, torch tensors for pth.gz)."""
     buffer = io.BytesIO()
+    if ext == "pth.gz":
+        torch.save(arrays, buffer)
+        return gzip.compress(buffer.getvalue(), compresslevel=6, mtime=0)
     # int8 codes of normalized embeddings carry about 7 bits of entropy: deflate saves a tenth more, while float
     # arrays barely compress and are left stored (Apple's fp32 shards are plain npz).
-    (np.savez_compressed if dtype == "int8" else np.savez)(buffer, **arrays)
-    return "npz", buffer.getvalue()
+    compressed = any(v.dtype == np.int8 for v in arrays.values())
+    (np.savez_compressed if compressed else np.savez)(buffer, **arrays)
+    return buffer.getvalue()
 
 
 MAX_EMBEDDING_BYTES = 64 * 1024 * 1024  # one sample's decoded embeddings (DataCompDR's: 30 x 1536 fp32, 184 KiB)
@@ -120,31 +128,55 @@ def stored_dtype(ext: str, data: bytes) -> str:
     return names[dtype]
 
 
-def decode_embeddings(ext: str, data: bytes, dims: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(image_emb, text_emb) as float32 from an `npz` or `pth.gz` member; int8 needs the teachers' `dims`.
-
-    Both are untrusted input: what they may allocate is bounded (`MAX_EMBEDDING_BYTES`) before it is allocated,
-    and anything malformed is a ValueError with the reason."""
+def read_arrays(ext: str, data: bytes) -> dict:
+    """Every array of an `npz` or `pth.gz` embeddings member as stored (numpy arrays, or torch tensors for
+    pth.gz), read within `MAX_EMBEDDING_BYTES`; ValueError with the reason when it is malformed."""
     try:
         if ext == "pth.gz":
             tensors = torch.load(io.BytesIO(_gunzip_bounded(data, MAX_EMBEDDING_BYTES)), map_location="cpu",
                                  weights_only=True)
-            if not isinstance(tensors, dict) or not all(isinstance(tensors.get(k), torch.Tensor)
-                                                        for k in ("image_emb", "text_emb")):
-                raise ValueError("pth.gz does not hold image_emb and text_emb tensors")
-            return tensors["image_emb"].float().numpy(), tensors["text_emb"].float().numpy()
+            if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                        for k, v in tensors.items()):
+                raise ValueError("pth.gz does not hold named tensors")
+            return tensors
         _npz_headers(data, MAX_EMBEDDING_BYTES)
         with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
-            image, text = arrays["image_emb"], arrays["text_emb"]
-            if image.dtype == np.int8:
-                if dims is None:
-                    raise ValueError("int8 embeddings need the teachers' dimensions to dequantize")
-                image_scale, text_scale = arrays["image_emb_scale"], arrays["text_emb_scale"]
-                for values, scale in ((image, image_scale), (text, text_scale)):
-                    if values.ndim != 2 or values.shape[1] != sum(dims) or scale.shape != (len(values), len(dims)):
-                        raise ValueError(f"int8 embeddings {values.shape} with scales {scale.shape} do not fit "
-                                         f"the teachers' dimensions {list(dims)}")
-                return dequantize_int8(image, image_scale, dims), dequantize_int8(text, text_scale, dims)
-            return image.astype(np.float32), text.astype(np.float32)
+            return {name: arrays[name] for name in arrays.files}
     except (KeyError, OSError, EOFError, zlib.error, zipfile.BadZipFile, pickle.UnpicklingError, RuntimeError) as e:
         raise ValueError(f"unreadable {ext} embeddings: {type(e).__name__}") from e
+
+
+def decode_embedding_arrays(ext: str, data: bytes, dims: Sequence[int] | None = None) -> dict[str, np.ndarray]:
+    """Every embedding array of a member (`image_emb`, `text_emb`, `*_emb`) as float32, int8 ones dequantized
+    with their `*_scale` and the teachers' `dims`. Untrusted input: allocation is bounded before it happens, and
+    anything malformed is a ValueError with the reason."""
+    arrays = read_arrays(ext, data)
+    if "image_emb" not in arrays or "text_emb" not in arrays:
+        raise ValueError(f"{ext} does not hold image_emb and text_emb")
+    out = {}
+    for name, values in arrays.items():
+        if not name.endswith("_emb"):
+            continue
+        if isinstance(values, torch.Tensor):
+            out[name] = values.float().numpy()
+        elif values.dtype == np.int8:
+            scale = arrays.get(f"{name}_scale")
+            if dims is None:
+                raise ValueError("int8 embeddings need the teachers' dimensions to dequantize")
+            if scale is None or values.ndim != 2 or values.shape[1] != sum(dims) or scale.shape != (
+                    len(values), len(dims)):
+                raise ValueError(f"int8 {name} {values.shape} with scales "
+                                 f"{None if scale is None else scale.shape} does not fit the teachers' dimensions "
+                                 f"{list(dims)}")
+            out[name] = dequantize_int8(values, scale, dims)
+        elif values.dtype.kind == "f":
+            out[name] = values.astype(np.float32)
+        else:
+            raise ValueError(f"{name} has dtype {values.dtype}")
+    return out
+
+
+def decode_embeddings(ext: str, data: bytes, dims: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(image_emb, text_emb) as float32 from an `npz` or `pth.gz` member (`decode_embedding_arrays`)."""
+    arrays = decode_embedding_arrays(ext, data, dims)
+    return arrays["image_emb"], arrays["text_emb"]

@@ -1,8 +1,10 @@
 """Writing reinforced datasets (MobileCLIP's multi-modal dataset reinforcement, DataCompDR's layout).
 
 For every input sample: K augmentations are drawn (from (seed, key) alone) and stored as parameters; each augmented
-view is embedded by every teacher; the real caption and C synthetic captions from the captioners are embedded by
-every teacher; all of it is written next to the sample. Teachers then cost nothing at training time.
+view is embedded by every teacher; each captioner (`--captioner SPEC[:TAG]`) writes C synthetic captions, a caption
+set `syn_text_<TAG>` in `syn.json` with their embeddings by every teacher under `syn_text_<TAG>_emb` (Apple's newer
+DataCompDR layout; one untagged captioner writes `syn_text`); the real caption's embeddings are `text_emb`. All of
+it is written next to the sample. Teachers then cost nothing at training time.
 
 Work is split by input shard: input shard n becomes output shard n, written under a temporary name and renamed
 when complete, with its counts beside it. A killed run started again with the same arguments redoes only the
@@ -14,6 +16,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -41,7 +44,8 @@ from reinforced_data.reader import MAX_CAPTIONS, MAX_VIEWS
 from reinforced_data.shards import ImageTextSample, SkipLog, iter_image_text, open_tar_writer, resolve_shards
 from reinforced_data.storage import STORAGE_DTYPES, encode_embeddings
 
-__all__ = ["ReinforceConfig", "reinforce", "caption_seed", "CONFIG_NAME"]
+__all__ = ["ReinforceConfig", "reinforce", "caption_seed", "parse_captioner", "caption_set_key", "caption_set_keys",
+           "CONFIG_NAME"]
 
 CONFIG_NAME = "config.json"
 _RUN_NAME = "reinforce_run.json"  # the arguments of an unfinished run, so a restart can check they match
@@ -72,21 +76,43 @@ class ReinforceConfig:
         check_range("num_workers", self.num_workers, 0, 64)
 
 
-def caption_seed(seed: int, key: str, captioner_index: int) -> int:
-    digest = hashlib.sha256(f"{seed}\x1fcaption\x1f{captioner_index}\x1f{key}".encode()).digest()
+def caption_seed(seed: int, key: str, caption_set: str) -> int:
+    """The seed of one sample's captions by one captioner: a function of (seed, sample key, caption set) alone."""
+    digest = hashlib.sha256(f"{seed}\x1fcaption\x1f{caption_set}\x1f{key}".encode()).digest()
     return int.from_bytes(digest[:8], "big") & ((1 << 62) - 1)
+
+
+_TAG = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
+
+
+def parse_captioner(text: str) -> tuple[str, str | None]:
+    """`SPEC[:TAG]` -> (spec, tag or None). The tag is what follows the last `:` when that is a plain name (letters,
+    digits, `_`, `-`); specs themselves may hold colons (`local-dir:PATH`, `hf-hub:ORG/REPO`)."""
+    spec, sep, tag = text.rpartition(":")
+    if sep and spec and spec not in ("local-dir", "hf-hub") and _TAG.match(tag):
+        return spec, tag
+    return text, None
+
+
+def caption_set_key(tag: str | None) -> str:
+    """The `syn.json` key of a captioner's captions (Apple's newer layout): `syn_text_<tag>`, or `syn_text`."""
+    return f"syn_text_{tag}" if tag else "syn_text"
+
+
+def caption_set_keys(captioners: Sequence[str]) -> list[str]:
+    """Each `--captioner SPEC[:TAG]`'s caption-set key; a `UserInputError` for untagged captioners among several
+    or a tag used twice."""
+    tags = [parse_captioner(c)[1] for c in captioners]
+    if len(captioners) > 1 and None in tags:
+        raise UserInputError("with several captioners give each a tag: --captioner SPEC:TAG")
+    keys = [caption_set_key(t) for t in tags]
+    if len(set(keys)) != len(keys):
+        raise UserInputError(f"captioner tag used twice: {', '.join(k for k in keys if keys.count(k) > 1)}")
+    return keys
 
 
 def _shard_name(index: int) -> str:
     return f"{index:05d}.tar"
-
-
-def _captions_per_captioner(num_captions: int, num_captioners: int) -> list[int]:
-    """C captions shared among captioners: the first ones take the remainder."""
-    if num_captioners == 0:
-        return []
-    base, extra = divmod(num_captions, num_captioners)
-    return [base + (i < extra) for i in range(num_captioners)]
 
 
 @dataclass
@@ -150,9 +176,9 @@ class _InputShards(torch.utils.data.IterableDataset):
 class _ShardWriter:
     """Embeds a batch of samples with the teachers and captioners; the records of its output shard."""
 
-    def __init__(self, ensemble, captioners, config: ReinforceConfig):
+    def __init__(self, ensemble, captioners, config: ReinforceConfig, set_keys: Sequence[str] = ()):
         self.ensemble, self.captioners, self.config = ensemble, captioners, config
-        self.per_captioner = _captions_per_captioner(config.num_captions, len(captioners))
+        self.set_keys = list(set_keys)  # one caption set per captioner, `config.num_captions` captions each
 
     def encode(self, prepared: _ShardViews) -> list[dict[str, Any]]:
         """Embed prepared views and captions with every teacher; the records of the output shard."""
@@ -160,29 +186,29 @@ class _ShardWriter:
         samples, params = prepared.samples, prepared.params
         image_emb = self.ensemble.encode_image_tensors(prepared.views).numpy()  # (B*K, D)
 
-        synthetic: list[list[str]] = [[] for _ in samples]
-        for c, (captioner, count) in enumerate(zip(self.captioners, self.per_captioner)):
-            if count == 0:
-                continue
-            seeds = [caption_seed(cfg.seed, s.key, c) for s in samples]
-            for row, captions in zip(synthetic, captioner.generate(prepared.caption_pixels[c], count, seeds,
-                                                                   top_p=cfg.top_p, max_len=cfg.caption_max_len)):
-                row.extend(captions)
-        texts = [t for s, syn in zip(samples, synthetic) for t in [s.caption, *syn]]
-        text_emb = self.ensemble.encode_texts(texts).numpy()  # (B*(1+C), D)
+        sets: list[dict[str, list[str]]] = [{} for _ in samples]
+        for c, (captioner, key) in enumerate(zip(self.captioners, self.set_keys)):
+            seeds = [caption_seed(cfg.seed, s.key, key) for s in samples]
+            for row, captions in zip(sets, captioner.generate(prepared.caption_pixels[c], cfg.num_captions, seeds,
+                                                              top_p=cfg.top_p, max_len=cfg.caption_max_len)):
+                row[key] = captions
+        texts = [t for s, row in zip(samples, sets) for t in [s.caption, *(c for v in row.values() for c in v)]]
+        text_emb = self.ensemble.encode_texts(texts).numpy()  # (B * (1 + C * captioners), D)
 
         out = []
-        k, c1 = cfg.num_augs, 1 + cfg.num_captions
+        k, c, per_sample = cfg.num_augs, cfg.num_captions, 1 + cfg.num_captions * len(self.set_keys)
         for n, s in enumerate(samples):
-            ext, blob = encode_embeddings(image_emb[n * k:(n + 1) * k], text_emb[n * c1:(n + 1) * c1], cfg.dtype,
-                                          self.ensemble.dims)
+            rows = text_emb[n * per_sample:(n + 1) * per_sample]  # the real caption's, then each set's
+            extra = {f"{key}_emb": rows[1 + i * c:1 + (i + 1) * c] for i, key in enumerate(self.set_keys)}
+            ext, blob = encode_embeddings(image_emb[n * k:(n + 1) * k], rows[:1], cfg.dtype, self.ensemble.dims,
+                                          extra)
             record = {
                 "__key__": s.key,
                 "txt": s.caption,
                 "json": json.dumps({"uid": s.key, "sha256": hashlib.sha256(s.image_bytes).hexdigest()}),
                 # a JSON string inside the JSON, as in Apple's released shards
                 "paug.json": json.dumps({"param_aug": json.dumps(params[n])}),
-                "syn.json": json.dumps({"syn_text": synthetic[n]}),
+                "syn.json": json.dumps(sets[n]),
                 ext: blob,
             }
             if cfg.store_images:
@@ -248,6 +274,7 @@ def reinforce(data: str, teachers: Sequence[str], out_dir: str | Path, config: R
     config.__post_init__()  # fields may have been changed since construction
     if config.num_captions > 0 and not captioners:
         raise UserInputError("--num-captions needs a --captioner (or pass --num-captions 0)")
+    set_keys = caption_set_keys(captioners) if config.num_captions > 0 else []
     out_dir = Path(out_dir)
     if (out_dir / CONFIG_NAME).is_file():
         raise UserInputError(f"{out_dir} is already a finished reinforced dataset (delete it to redo)")
@@ -259,7 +286,7 @@ def reinforce(data: str, teachers: Sequence[str], out_dir: str | Path, config: R
         if (out_dir / CONFIG_NAME).is_file():  # finished while this run waited to start
             raise UserInputError(f"{out_dir} is already a finished reinforced dataset (delete it to redo)")
         ensemble = load_ensemble(teachers, device=state.device)  # a bad spec fails before anything is written
-        caps = [load_captioner(c, device=state.device) for c in captioners]
+        caps = [load_captioner(parse_captioner(c)[0], device=state.device) for c in captioners]
         signature = _run_signature(str(data), urls, teachers, captioners, config)
         run_file = out_dir / _RUN_NAME
         if state.is_main_process:
@@ -272,7 +299,7 @@ def reinforce(data: str, teachers: Sequence[str], out_dir: str | Path, config: R
                 stale.unlink()
         state.wait_for_everyone()
 
-        writer = _ShardWriter(ensemble, caps, config)
+        writer = _ShardWriter(ensemble, caps if set_keys else [], config, set_keys)
         mine = [(n, url) for n, url in enumerate(urls) if n % state.num_processes == state.process_index]
         todo = [(n, url) for n, url in mine if not (out_dir / _shard_name(n)).is_file()]
         workers = min(len(todo), default_num_workers() if config.num_workers is None else config.num_workers)
@@ -307,6 +334,8 @@ def reinforce(data: str, teachers: Sequence[str], out_dir: str | Path, config: R
             "format": "mobiledistill",
             "teachers": [{"spec": str(t.spec), "dim": t.dim, "logit_scale": t.logit_scale} for t in ensemble.teachers],
             "captioners": [str(c.spec) for c in caps],
+            "caption_sets": [{"key": key, "captioner": str(c.spec), "captions": config.num_captions}
+                             for key, c in zip(set_keys, caps)],
             "num_augs": config.num_augs,
             "num_captions": config.num_captions,
             "caption_sampling": {"top_p": config.top_p, "max_len": config.caption_max_len},

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from mdcore.errors import UserInputError
+from teachers.coca_decoding import CachedCoCa
 from teachers.specs import LoadedModel, ModelSpec, load_model
 
 __all__ = ["Captioner", "load_captioner"]
@@ -53,13 +54,17 @@ class Captioner(nn.Module):
         top_p: float = 0.9,
         temperature: float = 1.0,
         max_len: int = 24,
-        min_len: int = 3,
+        min_len: int = 5,
     ) -> list[list[str]]:
         """`num_captions` captions for each image; image i's captions depend only on it and `seeds[i]`.
 
         `images` are PIL images (this captioner's preprocessing is applied) or an already preprocessed batch.
         Nucleus sampling (Holtzman et al., 2020): at each step keep the smallest set of tokens whose probability
-        reaches `top_p`, renormalize, and sample with the caption's own generator.
+        reaches `top_p`, renormalize, and sample with the caption's own generator; `top_p=0` decodes greedily.
+        `max_len` and `min_len` count tokens as open_clip's `generate` counts `seq_len` and `min_seq_len` (start
+        and end tokens included; the end token is refused before `min_len`), and greedy decoding gives the tokens
+        of open_clip's `generate(generation_type="top_k", top_k=1)`. Decoding is key-value cached
+        (`teachers.coca_decoding`), each image encoded once for all its captions.
 
         Images are decoded in groups of `GROUP` images (their captions form one batch), the last group padded with
         blank rows, so every forward pass has the same shape. CPU and GPU matrix kernels pick their blocking from
@@ -82,17 +87,17 @@ class Captioner(nn.Module):
 
         def caption_group(start: int) -> list[list[str]]:
             members = range(start, min(start + GROUP, len(pixels)))
-            generators, rows = [], []
+            generators, padding = [], []
             for i in range(start, start + GROUP):
                 for j in range(num_captions):
                     g = torch.Generator()
                     g.manual_seed((int(seeds[i]) * 1_000_003 + j) % (2**63) if i in members else 0)
                     generators.append(g)
-                    rows.append(i if i in members else None)
+                    padding.append(i not in members)
             blank = torch.zeros_like(pixels[0])
-            batch = torch.stack([pixels[i] if i is not None else blank for i in rows]).to(device)  # (G*C, 3, H, W)
-            padding = torch.tensor([i is None for i in rows], device=device)
-            tokens = self._decode_batch(batch, generators, top_p, temperature, max_len, min_len, padding).tolist()
+            group = torch.stack([pixels[i] if i in members else blank for i in range(start, start + GROUP)])
+            tokens = self.decode(group.to(device), num_captions, generators, top_p, temperature, max_len, min_len,
+                                 torch.tensor(padding, device=device)).tolist()
             return [[self._decode(tokens[k * num_captions + j]) for j in range(num_captions)]
                     for k in range(len(members))]
 
@@ -109,47 +114,40 @@ class Captioner(nn.Module):
         finally:
             torch.set_num_threads(workers)
 
-    def _decode_batch(self, pixels: torch.Tensor, generators: list[torch.Generator], top_p: float,
-                      temperature: float, max_len: int, min_len: int, padding: torch.Tensor | None = None
-                      ) -> torch.Tensor:
-        """Token ids (N, L) sampled for N image rows, row i drawing from generators[i]; `padding` rows (N,) bool
-        are computed (the shape stays fixed) but not waited for."""
+    @torch.no_grad()
+    def decode(self, pixels: torch.Tensor, rows_per_image: int, generators: list[torch.Generator] | None,
+               top_p: float, temperature: float, max_len: int, min_len: int,
+               padding: torch.Tensor | None = None) -> torch.Tensor:
+        """Token ids (G * rows_per_image, L <= max_len) for G preprocessed images (G, 3, H, W), row i drawing from
+        generators[i] (none needed when greedy, `top_p=0`); `padding` rows (N,) bool are computed (the shape stays
+        fixed) but end at once. Rows end as open_clip's `generate` ends them: at the end token, or when they emit
+        the pad id, which is then repeated."""
+        model = self.model
+        _, image_embs = model._encode_image(pixels)  # (G, T, W): each image once, for all its rows
+        decoder = CachedCoCa(model)
+        state = decoder.start(image_embs, rows_per_image, max_len)
+        n = len(pixels) * rows_per_image
         device = pixels.device
-        _, image_embs = self.model._encode_image(pixels)
-        tokens = torch.full((len(pixels), 1), self.sot_id, dtype=torch.long, device=device)  # (N, 1)
-        done = torch.zeros(len(pixels), dtype=torch.bool, device=device) if padding is None else padding.clone()
-        for step in range(max_len - 1):
-            logits = self._next_token_logits(image_embs, tokens)  # (N, V)
-            if step < min_len:
+        pad = model.pad_id
+        tokens = torch.full((n, 1), self.sot_id, dtype=torch.long, device=device)  # (N, 1)
+        done = torch.zeros(n, dtype=torch.bool, device=device) if padding is None else padding.clone()
+        for position in range(max_len - 1):
+            logits = decoder.step(state, tokens[:, -1], position)  # (N, V)
+            length = position + 1  # tokens so far, the start token included
+            if length < min_len:
                 logits[:, self.eot_id] = float("-inf")
-            logits[:, self.sot_id] = float("-inf")
-            if step == max_len - 2:  # the last position can only end the caption
-                next_token = torch.full((len(pixels),), self.eot_id, dtype=torch.long, device=device)
+            if length + 1 == max_len:  # the last position can only end the caption
+                next_token = torch.full((n,), self.eot_id, dtype=torch.long, device=device)
+            elif top_p <= 0:
+                next_token = logits.argmax(dim=-1)
             else:
                 next_token = _sample_top_p(logits / temperature, top_p, generators)
-            next_token = torch.where(done, torch.zeros_like(next_token), next_token)
+            next_token = torch.where(done, torch.full_like(next_token, pad), next_token)
             tokens = torch.cat([tokens, next_token[:, None]], dim=1)
-            done |= next_token == self.eot_id
+            done |= (next_token == self.eot_id) | (next_token == pad)
             if bool(done.all()):
                 break
         return tokens
-
-    def _next_token_logits(self, image_embs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Logits (N, V) of the token after `tokens` (N, L): CoCa's decoder, projected onto the vocabulary at the
-        last position only (open_clip's forward projects every position, L times the work on a large vocabulary)."""
-        decoder = self.model.text_decoder
-        _, x = self.model._encode_text(tokens)  # (N, L, W) token embeddings of the unimodal text tower
-        length = x.shape[1]
-        if not decoder.batch_first:
-            image_embs, x = image_embs.permute(1, 0, 2), x.permute(1, 0, 2)
-        for block, cross_attn in zip(decoder.resblocks, decoder.cross_attn):
-            x = block(x, attn_mask=decoder.attn_mask[:length, :length])
-            x = cross_attn(x, k_x=image_embs, v_x=image_embs)
-        last = x[:, -1] if decoder.batch_first else x[-1]  # (N, W)
-        last = decoder.ln_final(last)
-        if decoder.text_projection is not None:
-            last = last @ decoder.text_projection
-        return last.float()
 
     def _decode(self, ids: list[int]) -> str:
         ids = ids[1:]

@@ -82,18 +82,62 @@ def test_captioner_rejects_clip_models():
         Captioner(load_model("md-teacher-s"))
 
 
-def test_last_position_logits_equal_open_clips_forward():
-    """The captioner projects only the last position onto the vocabulary; the logits must be open_clip's."""
+@pytest.fixture
+def open_clip_generate():
+    """open_clip's own uncached `CoCa.generate`, the reference. open_clip 3.3 imports transformers'
+    BeamSearchScorer, which transformers 5 removed, and then disables generation altogether; the logits
+    processors it needs for top-k decoding are there, so they are handed back to it (open_clip is not changed)."""
+    import open_clip.coca_model as coca
+    from transformers import TopKLogitsWarper, TopPLogitsWarper
+
+    patch = pytest.MonkeyPatch()
+    if not coca._has_transformers:
+        patch.setattr(coca, "_has_transformers", True)
+        patch.setattr(coca, "GENERATION_TYPES", {"top_k": TopKLogitsWarper, "top_p": TopPLogitsWarper,
+                                                 "beam_search": "beam_search"})
+    yield lambda model, pixels, **kw: model.generate(pixels, generation_type="top_k", top_k=1, **kw)
+    patch.undo()
+
+
+@pytest.mark.parametrize("arch", ["md-coca-tiny", "coca_ViT-B-32"])
+def test_cached_greedy_decoding_gives_open_clips_tokens(arch, open_clip_generate):
+    torch.manual_seed(0)
+    captioner = Captioner(load_model(arch, warn_random=False))
+    size = captioner.preprocess.transforms[0].size
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    images = [draw_shape(color, shape, size) for color, shape in (("red", "circle"), ("blue", "square"),
+                                                                  ("green", "triangle"))]
+    pixels = torch.stack([captioner.preprocess(im) for im in images])
+    for seq_len, min_seq_len in ((12, 5), (16, 15)):
+        reference = open_clip_generate(captioner.model, pixels, seq_len=seq_len, min_seq_len=min_seq_len)
+        ours = captioner.decode(pixels, 1, None, 0.0, 1.0, seq_len, min_seq_len)
+        assert ours.shape == reference.shape and torch.equal(ours, reference), (seq_len, ours, reference)
+    # several captions per image: each image's greedy rows are its own tokens, the image encoded once
+    twice = captioner.decode(pixels, 2, None, 0.0, 1.0, 12, 5)
+    once = captioner.decode(pixels, 1, None, 0.0, 1.0, 12, 5)
+    assert torch.equal(twice[::2], once) and torch.equal(twice[1::2], once)
+    assert captioner.generate(images, 1, [0, 1, 2], top_p=0, max_len=12) == [
+        [captioner._decode(row)] for row in once.tolist()]
+
+
+def test_cached_logits_equal_open_clips_forward_at_every_step():
+    """Step by step, the cached decoder's logits are those of open_clip's full forward over the prefix (a token
+    0, the pad id, in the prefix exercises CoCa's legacy text mask)."""
+    from teachers.coca_decoding import CachedCoCa
+
     torch.manual_seed(0)
     captioner = Captioner(load_model("md-coca-tiny", warn_random=False))
     pixels = torch.stack([captioner.preprocess(draw_shape("red", "circle", 64))] * 2)
-    tokens = torch.tensor([[49406, 320, 1125, 539], [49406, 320, 2866, 539]])
+    tokens = torch.tensor([[49406, 320, 1125, 0, 539, 4341], [49406, 320, 2866, 539, 0, 0]])
     with torch.no_grad():
         image_latent, image_embs = captioner.model._encode_image(pixels)
-        reference = captioner.model(pixels, tokens, image_latent=image_latent, image_embs=image_embs,
-                                    output_labels=False)["logits"][:, -1]
-        ours = captioner._next_token_logits(image_embs, tokens)
-    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+        decoder = CachedCoCa(captioner.model)
+        state = decoder.start(image_embs, 1, tokens.shape[1])
+        for length in range(1, tokens.shape[1] + 1):
+            ours = decoder.step(state, tokens[:, length - 1], length - 1)
+            reference = captioner.model(pixels, tokens[:, :length], image_latent=image_latent, image_embs=image_embs,
+                                        output_labels=False)["logits"][:, -1]
+            torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("scale", [0.3, 3.0, 30.0])

@@ -1,0 +1,134 @@
+"""Key-value-cached decoding for open_clip's CoCa models, on the models' own modules and weights.
+
+open_clip's `CoCa.generate` runs the whole prefix through the text tower and the multimodal decoder for every new
+token, and projects every position onto the vocabulary. Here each step feeds one token per row: the self-attention
+keys and values of earlier positions are kept (text tower and multimodal decoder alike), the cross-attention keys
+and values over the image tokens are computed once per image, and only the new position is projected. Norms, MLPs,
+layer scales and projections are the model's own modules, called as they are; attention is recomputed from each
+`nn.MultiheadAttention`'s own `in_proj_weight` / `out_proj` (no weight is copied), so any open_clip CoCa
+(`coca_ViT-B-32`, `coca_ViT-L-14`, `md-coca-tiny`, ...) decodes unchanged.
+
+The text tower's key mask follows open_clip's: with the legacy CLS mask of existing CoCa weights the key at
+position k is masked when the token at k - 1 is the pad id (0, which is also a real token), with the corrected one
+when the token at k is; causal attention makes that mask cacheable.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["CachedCoCa", "DecodeState"]
+
+
+@dataclass
+class DecodeState:
+    """The caches of N rows decoding together: per layer keys and values (N, heads, max_len, head_dim)."""
+
+    text_keys: list[torch.Tensor]
+    text_values: list[torch.Tensor]
+    decoder_keys: list[torch.Tensor]
+    decoder_values: list[torch.Tensor]
+    cross: list[tuple[torch.Tensor, torch.Tensor]]  # per decoder layer, (N, heads, image tokens, head_dim) each
+    text_valid: torch.Tensor  # (N, max_len) bool: which text-tower keys may be attended to
+    previous: torch.Tensor  # (N,) the token fed at the last step (the legacy mask looks one token back)
+
+
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(N, L, W) -> (N, heads, L, W / heads)"""
+    n, length, width = x.shape
+    return x.view(n, length, heads, width // heads).transpose(1, 2)
+
+
+def _merge(x: torch.Tensor) -> torch.Tensor:
+    """(N, heads, L, d) -> (N, L, heads * d)"""
+    n, heads, length, d = x.shape
+    return x.transpose(1, 2).reshape(n, length, heads * d)
+
+
+class CachedCoCa:
+    """Steps an open_clip CoCa model one token at a time with key-value caches (see the module docstring)."""
+
+    def __init__(self, model: nn.Module):
+        text, decoder = model.text, model.text_decoder
+        self.model, self.text, self.decoder = model, text, decoder
+        self.text_blocks = list(text.transformer.resblocks)
+        self.decoder_blocks = list(zip(decoder.resblocks, decoder.cross_attn))
+        for block in self.text_blocks + [b for pair in self.decoder_blocks for b in pair]:
+            if not block.attn._qkv_same_embed_dim:
+                raise ValueError("cached decoding needs attention with one packed input projection")
+        self.legacy_mask = text.cls_emb is not None and not getattr(text, "correct_cls_mask", False)
+        self.pad_id = getattr(text, "pad_id", 0)
+
+    @torch.no_grad()
+    def start(self, image_embs: torch.Tensor, rows_per_image: int, max_len: int) -> DecodeState:
+        """Caches for `rows_per_image` rows per image of `image_embs` (G, T, W) (the image tokens CoCa's visual
+        tower returns), with the cross-attention keys and values computed once per image."""
+        n = image_embs.shape[0] * rows_per_image
+        device, dtype = image_embs.device, image_embs.dtype
+
+        def empty(block) -> torch.Tensor:
+            heads = block.attn.num_heads
+            return torch.zeros(n, heads, max_len, block.attn.embed_dim // heads, device=device, dtype=dtype)
+
+        cross = []
+        for _, block in self.decoder_blocks:
+            memory = block.ln_1_kv(image_embs)  # (G, T, W)
+            width = block.attn.embed_dim
+            weight, bias = block.attn.in_proj_weight, block.attn.in_proj_bias
+            keys = F.linear(memory, weight[width:2 * width], bias[width:2 * width] if bias is not None else None)
+            values = F.linear(memory, weight[2 * width:], bias[2 * width:] if bias is not None else None)
+            cross.append(tuple(_heads(t, block.attn.num_heads).repeat_interleave(rows_per_image, dim=0)
+                               for t in (keys, values)))  # (N, heads, T, d)
+        return DecodeState([empty(b) for b in self.text_blocks], [empty(b) for b in self.text_blocks],
+                           [empty(b) for b, _ in self.decoder_blocks], [empty(b) for b, _ in self.decoder_blocks],
+                           cross, torch.zeros(n, max_len, dtype=torch.bool, device=device),
+                           torch.full((n,), -1, dtype=torch.long, device=device))
+
+    @staticmethod
+    def _self_attention(block, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, position: int,
+                        valid: torch.Tensor | None) -> torch.Tensor:
+        """One residual block's self-attention for the new position, its key and value added to the cache."""
+        attn = block.attn
+        q, k, v = (_heads(t, attn.num_heads) for t in F.linear(block.ln_1(x), attn.in_proj_weight,
+                                                               attn.in_proj_bias).chunk(3, dim=-1))
+        keys[:, :, position] = k[:, :, 0]
+        values[:, :, position] = v[:, :, 0]
+        mask = valid[:, None, None, :position + 1] if valid is not None else None  # (N, 1, 1, P)
+        out = F.scaled_dot_product_attention(q, keys[:, :, :position + 1], values[:, :, :position + 1],
+                                             attn_mask=mask)  # (N, heads, 1, d)
+        return x + block.ls_1(attn.out_proj(_merge(out)))
+
+    @staticmethod
+    def _cross_attention(block, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        attn = block.attn
+        width = attn.embed_dim
+        bias = attn.in_proj_bias[:width] if attn.in_proj_bias is not None else None
+        q = _heads(F.linear(block.ln_1(x), attn.in_proj_weight[:width], bias), attn.num_heads)  # (N, heads, 1, d)
+        out = F.scaled_dot_product_attention(q, keys, values)  # (N, heads, 1, d)
+        return x + block.ls_1(attn.out_proj(_merge(out)))
+
+    @torch.no_grad()
+    def step(self, state: DecodeState, tokens: torch.Tensor, position: int) -> torch.Tensor:
+        """Feed `tokens` (N,) at `position`; returns the logits (N, vocabulary) of the token after it."""
+        text = self.text
+        x = text.token_embedding(tokens)[:, None] + text.positional_embedding[position]  # (N, 1, W)
+        x = x.to(state.text_keys[0].dtype)
+        looked_at = state.previous if self.legacy_mask else tokens
+        state.text_valid[:, position] = (looked_at != self.pad_id) | (position == 0 if self.legacy_mask else False)
+        state.previous = tokens
+        for i, block in enumerate(self.text_blocks):
+            x = self._self_attention(block, x, state.text_keys[i], state.text_values[i], position, state.text_valid)
+            x = x + block.ls_2(block.mlp(block.ln_2(x)))
+        if text.cls_emb is None:  # CoCa's CLS variant hands its tokens on without the final norm
+            x = text.ln_final(x)
+        for i, (block, cross) in enumerate(self.decoder_blocks):
+            x = self._self_attention(block, x, state.decoder_keys[i], state.decoder_values[i], position, None)
+            x = x + block.ls_2(block.mlp(block.ln_2(x)))
+            x = self._cross_attention(cross, x, *state.cross[i])
+            x = x + cross.ls_2(cross.mlp(cross.ln_2(x)))
+        x = self.decoder.ln_final(x[:, 0])  # (N, W)
+        if self.decoder.text_projection is not None:
+            x = x @ self.decoder.text_projection
+        return x.float()  # (N, V)
