@@ -4,7 +4,9 @@
 
 1. Throughput: a whole `reinforce` run without captioner (decode, augment, encode with every teacher, write) against
    the same teachers' bare forward passes over the same number of views and captions as ready tensors at the same
-   batch size. Goal: at most 1.15x. Then the same run with a captioner, whose share of the time is reported apart.
+   batch size. Goal: at most 1.15x. Then the same run with a captioner (md-coca-tiny, C captions), whose share of the
+   time is reported apart (goal: the captioned run at most 2.0x the plain one), and `reinforce --add-to` adding the
+   same captioner to the plain dataset, against the captioned run, with where its time goes.
 2. Storage: bytes per sample for fp32, fp16, bf16 and int8 at K views and C captions with two teachers, with and
    without the images.
 Teachers are md-teacher-s and md-teacher-m with random weights (the cost of a forward pass does not depend on them).
@@ -20,6 +22,7 @@ import torch
 
 from reinforced_data.augment import AugmentationConfig
 from reinforced_data.emoji import build_emoji_dataset
+from reinforced_data.extend import extend_reinforced
 from reinforced_data.writer import ReinforceConfig, reinforce
 from teachers import load_ensemble, load_model, save_model_dir
 
@@ -44,6 +47,25 @@ def _bare_forward_seconds(teacher_specs: list[str], num_samples: int, num_augs: 
         ensemble.encode_image_tensors(images[: n * num_augs])
         ensemble.encode_texts(texts[: n * num_texts])
     return time.perf_counter() - start
+
+
+def _caption_and_text_seconds(data: str, captioner_dir: str, teachers: list[str], num_captions: int,
+                              per_batch: int) -> tuple[float, float]:
+    """The captioner alone over the images (C captions each), and the teachers alone embedding those captions."""
+    from reinforced_data.shards import iter_image_text, resolve_shards
+    from teachers import load_captioner
+
+    captioner, ensemble = load_captioner(captioner_dir), load_ensemble(teachers)
+    images = [s.image for s in iter_image_text(resolve_shards(data, "train"))]
+    start, captions = time.perf_counter(), []
+    for first in range(0, len(images), per_batch):
+        batch = images[first:first + per_batch]
+        captions += [c for row in captioner.generate(batch, num_captions, list(range(len(batch)))) for c in row]
+    caption_s = time.perf_counter() - start
+    start = time.perf_counter()
+    for first in range(0, len(captions), per_batch * num_captions):
+        ensemble.encode_texts(captions[first:first + per_batch * num_captions])
+    return caption_s, time.perf_counter() - start
 
 
 def main() -> None:
@@ -95,8 +117,25 @@ def main() -> None:
         print(f"| `reinforce`, md-coca-tiny, C={args.num_captions} | {captioned_s:.1f} | {captioned_work:.1f} | "
               f"{n / captioned_work:.1f} | {captioned_work / bare_s:.2f} |")
         print(f"\ncaptioner share of the captioned run: "
-              f"{100 * (captioned_work - plain_work) / captioned_work:.0f}%\n")
-        results.update(samples=n, bare_s=bare_s, plain_s=plain_work, captioned_s=captioned_work)
+              f"{100 * (captioned_work - plain_work) / captioned_work:.0f}%; captioned over plain: "
+              f"{captioned_work / plain_work:.2f}x (goal <= 2.0)\n")
+        # --add-to: the same captioner added to the finished plain dataset, against the captioned run
+        shutil.copytree(out / "plain", out / "added")
+        start = time.perf_counter()
+        extended = extend_reinforced(out / "added", captioner=f"{captioner}:coca", num_captions=args.num_captions,
+                                     batch_size=max(1, args.batch_size // args.num_augs), progress=False)
+        added_s = time.perf_counter() - start
+        caption_s, text_s = _caption_and_text_seconds(str(out / "emoji"), captioner, teachers, args.num_captions,
+                                                      max(1, args.batch_size // args.num_augs))
+        print(f"`reinforce --add-to` with md-coca-tiny, C={args.num_captions}: {added_s:.1f} s whole call "
+              f"({extended['extensions'][-1]['wall_s']:.1f} s after model load), {added_s / captioned_s:.2f}x the "
+              f"captioned run's whole call. Of it: captioner {caption_s:.1f} s, teachers embedding the captions "
+              f"{text_s:.1f} s, the rest (reading, decoding, rewriting shards) "
+              f"{extended['extensions'][-1]['wall_s'] - caption_s - text_s:.1f} s\n")
+        results.update(samples=n, bare_s=bare_s, plain_s=plain_work, captioned_s=captioned_work,
+                       captioned_over_plain=captioned_work / plain_work, add_to_s=added_s,
+                       add_to_over_captioned=added_s / captioned_s, add_to_captioner_s=caption_s,
+                       add_to_text_s=text_s)
 
     if args.no_storage:
         (out / "results.json").write_text(json.dumps(results, indent=2))
@@ -129,7 +168,7 @@ def _rewrite_wide(source: Path, out: Path, dims: list[int]) -> dict[str, float]:
     import numpy as np
 
     from reinforced_data.shards import iter_raw_samples, open_tar_writer
-    from reinforced_data.storage import decode_embeddings, encode_embeddings
+    from reinforced_data.storage import decode_embedding_arrays, encode_embeddings
 
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
@@ -139,13 +178,15 @@ def _rewrite_wide(source: Path, out: Path, dims: list[int]) -> dict[str, float]:
         path = out / f"{dtype}.tar"
         with open_tar_writer(path) as sink:
             for raw in raws:
-                image, text = decode_embeddings("npz", raw["npz"])
+                arrays = decode_embedding_arrays("npz", raw["npz"])
 
                 def widen(rows: int) -> np.ndarray:
                     parts = [rng.standard_normal((rows, d)).astype(np.float32) for d in dims]
                     return np.concatenate([p / np.linalg.norm(p, axis=1, keepdims=True) for p in parts], axis=1)
 
-                ext, blob = encode_embeddings(widen(len(image)), widen(len(text)), dtype, dims)
+                extra = {k: widen(len(v)) for k, v in arrays.items() if k not in ("image_emb", "text_emb")}
+                ext, blob = encode_embeddings(widen(len(arrays["image_emb"])), widen(len(arrays["text_emb"])), dtype,
+                                              dims, extra)
                 record = {k: v for k, v in raw.items() if not k.startswith("__") and k != "npz"}
                 sink.write({"__key__": raw["__key__"], **record, ext: blob})
         sizes[dtype] = path.stat().st_size / len(raws)

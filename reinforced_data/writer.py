@@ -43,6 +43,7 @@ from reinforced_data.pipeline import default_num_workers, make_loader
 from reinforced_data.reader import MAX_CAPTIONS, MAX_VIEWS
 from reinforced_data.shards import ImageTextSample, SkipLog, iter_image_text, open_tar_writer, resolve_shards
 from reinforced_data.storage import STORAGE_DTYPES, encode_embeddings
+from teachers.captioner import GROUP
 
 __all__ = ["ReinforceConfig", "reinforce", "caption_seed", "parse_captioner", "caption_set_key", "caption_set_keys",
            "CONFIG_NAME"]
@@ -143,6 +144,8 @@ class _InputShards(torch.utils.data.IterableDataset):
         super().__init__()
         self.todo, self.config, self.caption_transforms = todo, config, caption_transforms
         self.samples_per_batch = max(1, config.batch_size // config.num_augs)
+        if caption_transforms:  # whole groups of the captioner's fixed shape: no padded rows but a shard's last
+            self.samples_per_batch = max(GROUP, self.samples_per_batch - self.samples_per_batch % GROUP)
 
     def __iter__(self) -> Iterator[_ShardViews]:
         info = torch.utils.data.get_worker_info()

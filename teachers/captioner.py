@@ -7,6 +7,7 @@ reproducible across batch sizes and processes).
 
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import open_clip
 import PIL.Image
@@ -161,46 +162,75 @@ class Captioner(nn.Module):
         return " ".join(text.replace("<start_of_text>", " ").replace("<end_of_text>", " ").split())
 
 
+@dataclass
+class Nucleus:
+    """The nucleus of each row of snapped logits, as buckets of equal logits (so of equal probability), counted
+    from the row's best: buckets 0 .. cutoff - 1 are in whole, and of bucket `cutoff` its first `partial` tokens
+    in id order."""
+
+    depth: torch.Tensor  # (N, V) long: each token's bucket
+    mass: torch.Tensor  # (N, buckets) float64: probability of each bucket
+    count: torch.Tensor  # (N, buckets) long: tokens in each bucket
+    cutoff: torch.Tensor  # (N,) long
+    partial: torch.Tensor  # (N,) long, >= 1
+
+    def mask(self) -> torch.Tensor:
+        """(N, V) bool: the tokens in the nucleus."""
+        at = self.depth == self.cutoff[:, None]
+        return (self.depth < self.cutoff[:, None]) | at & (at.cumsum(dim=1) <= self.partial[:, None])
+
+
+def nucleus(logits: torch.Tensor, top_p: float) -> Nucleus:
+    """The nucleus (Holtzman et al., 2020) of logits snapped to a 1/1024 grid: per row, the smallest set of most
+    probable tokens whose mass reaches `top_p`, ties broken by token id.
+
+    Found without sorting the vocabulary (a full sort per row and step was most of a sampler's cost, and random or
+    barely trained captioners have nuclei of thousands of tokens): tokens are pooled by snapped logit, whose
+    masses, accumulated from the top, give the bucket where `top_p` is reached; of its tokens, all equally
+    probable, those with the smallest ids are taken while the mass before them stays under `top_p`. Each bucket's
+    mass comes from its count (its tokens share one logit), so no softmax over the vocabulary is needed. Refused
+    tokens (logit -inf) and logits more than 64 below a row's best share a last bucket of no weight (the latter
+    together weigh under 1e-23, so the cutoff is never among them). Snapping makes ties exact and keeps last-bit
+    differences (another thread count, say) from changing the set.
+    """
+    grid = torch.round(logits.float() * 1024)  # (N, V) integers; refused tokens at -inf
+    gap = grid.max(dim=1, keepdim=True).values - grid  # (N, V): 0 at the best, inf where refused
+    refused = torch.isinf(gap)
+    far = min(64 * 1024, int(gap.masked_fill(refused, 0).max()) + 1)  # the last bucket: refused tokens, far tail
+    depth = gap.clamp_(max=far).long()  # (N, V)
+    count = torch.zeros(len(grid), far + 1, dtype=torch.long).scatter_add_(
+        1, depth, torch.ones((), dtype=torch.long).expand_as(depth))  # (N, B) tokens per bucket
+    # every token of bucket d has logit (best - d) / 1024: the softmax, one term per bucket; the last weighs 0
+    weight = count * torch.exp(-torch.arange(far + 1, dtype=torch.float64) / 1024)  # (N, B)
+    weight[:, far] = 0.0
+    mass = weight / weight.sum(dim=1, keepdim=True)  # (N, B)
+    reached = mass.cumsum(dim=1)  # (N, B): mass of the buckets up to each
+    cutoff = (reached >= top_p).int().argmax(dim=1)  # (N,)
+    rows = torch.arange(len(grid))
+    before = reached[rows, cutoff] - mass[rows, cutoff]  # (N,) mass of the whole buckets above the cutoff
+    each = mass[rows, cutoff] / count[rows, cutoff]  # (N,) probability of one token of the cutoff bucket
+    partial = torch.ceil((top_p - before) / each).long().clamp_(min=1).minimum(count[rows, cutoff])
+    return Nucleus(depth, mass, count, cutoff, partial)
+
+
 def _sample_top_p(logits: torch.Tensor, top_p: float, generators: list[torch.Generator]) -> torch.Tensor:
-    """One token per row by nucleus sampling; row i uses only `generators[i]`. logits: (N, V) -> (N,)
-
-    The distribution is built in float64 with a stable sort from logits snapped to a 1/1024 grid, so that ties
-    and last-bit differences in the logits (another thread count, say) rarely change the token.
-    """
-    logits = torch.round(logits.double() * 1024) / 1024
-    probs = torch.softmax(logits, dim=-1)  # (N, V) float64
+    """One token per row by nucleus sampling (`nucleus`); row i draws only from `generators[i]`, and each row's
+    token depends on that row alone: a bucket by its mass, then one of its equally probable tokens in id order.
+    logits: (N, V) -> (N,)"""
+    found = nucleus(logits, top_p)
     tokens = []
-    for row, generator in zip(probs, generators):  # row by row: each sorts only as far as its own nucleus
-        sorted_probs, order = _sorted_nucleus(row[None], top_p)  # (1, K) with K <= V
-        keep = (sorted_probs.cumsum(dim=-1) - sorted_probs) < top_p  # the top token is always kept
-        cdf = (sorted_probs * keep).cumsum(dim=-1)  # (1, K)
-        u = torch.rand((), generator=generator).to(cdf) * cdf[:, -1]  # (1,)
-        choice = torch.searchsorted(cdf, u[:, None]).clamp_(max=cdf.shape[-1] - 1)  # (1, 1)
-        tokens.append(order[0, choice[0, 0]])
+    for i, generator in enumerate(generators):
+        cutoff, partial = int(found.cutoff[i]), int(found.partial[i])
+        mass, count = found.mass[i, :cutoff + 1].clone(), found.count[i, :cutoff + 1].clone()
+        mass[cutoff] *= partial / count[cutoff]  # (cutoff + 1,): the cutoff bucket's share in the nucleus
+        count[cutoff] = partial
+        cumulative = mass.cumsum(dim=0)
+        u = torch.rand((), generator=generator, dtype=torch.float64) * cumulative[-1]
+        bucket = int(torch.searchsorted(cumulative, u[None]).clamp_(max=cutoff))
+        share = (u - (cumulative[bucket] - mass[bucket])) / mass[bucket]  # where u falls within the bucket
+        k = min(int(share * count[bucket]), int(count[bucket]) - 1)
+        tokens.append(torch.nonzero(found.depth[i] == bucket)[k, 0])
     return torch.stack(tokens)
-
-
-def _sorted_nucleus(probs: torch.Tensor, top_p: float, candidates: tuple[int, ...] = (64, 2048)
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Probabilities sorted descending (ties by token id) with their token ids, far enough to cover the nucleus.
-
-    Sorting a whole vocabulary at every step is most of the sampler's cost, and the nucleus usually holds a few
-    tokens. So the k most probable are sorted (k from `candidates`, growing), and the full sort is used only when
-    their mass stays under `top_p` or the nucleus reaches their smallest probability (where a tie could hide a
-    token outside them): the same tokens, in the same order, as sorting everything.
-    """
-    for k in candidates:
-        if k >= probs.shape[-1]:
-            break
-        values, ids = probs.topk(k, dim=-1)  # (N, k) descending; ties in no particular order
-        order = ids.argsort(dim=-1)  # by id, then stably by probability: the order of a stable full sort
-        values, ids = values.gather(1, order), ids.gather(1, order)
-        order = values.argsort(dim=-1, descending=True, stable=True)
-        values, ids = values.gather(1, order), ids.gather(1, order)
-        needed = (values.cumsum(dim=-1) - values) < top_p  # the candidates the nucleus takes
-        if bool((values.sum(dim=-1) >= top_p).all()) and not bool((needed & (values <= values[:, -1:])).any()):
-            return values, ids
-    return probs.sort(dim=-1, descending=True, stable=True)
 
 
 def load_captioner(spec: str | ModelSpec, device: str | torch.device = "cpu") -> Captioner:

@@ -51,7 +51,8 @@ def test_each_captioner_writes_its_own_caption_set_in_apples_newer_layout(two_se
     assert len(sample["syn_captions"]) == 4 and sample["text_emb"].shape == (5, 128)
     summary = inspect_reinforced(two_sets)
     assert summary["num_captions"] == 4
-    assert summary["caption_sets"] == [{"key": "syn_text_coca", "captions": 2}, {"key": "syn_text_other", "captions": 2}]
+    assert summary["caption_sets"] == [{"key": "syn_text_coca", "captions": 2},
+                                       {"key": "syn_text_other", "captions": 2}]
 
 
 def test_captioner_tags_are_parsed_and_bad_ones_refused(tmp_path, tiny_model_dirs):

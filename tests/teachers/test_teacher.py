@@ -141,20 +141,23 @@ def test_cached_logits_equal_open_clips_forward_at_every_step():
 
 
 @pytest.mark.parametrize("scale", [0.3, 3.0, 30.0])
-def test_nucleus_candidates_give_the_full_sorts_tokens(scale):
-    """Sorting only the most probable candidates must keep every token (and order) the full sort puts in the
-    nucleus, ties and flat distributions included (those fall back to the full sort)."""
-    from teachers.captioner import _sorted_nucleus
+def test_the_nucleus_found_without_sorting_is_the_sorted_definitions(scale):
+    """The smallest set of most probable tokens reaching top_p, ties broken by token id, for flat and peaked
+    distributions and ties across the boundary; each row's set and token depend on that row alone."""
+    from teachers.captioner import _sample_top_p, nucleus
 
     generator = torch.Generator().manual_seed(int(scale * 10))
-    for trial in range(20):
+    for trial in range(12):
         logits = torch.randn(3, 49408, generator=generator) * scale
-        if trial % 4 == 0:
-            logits[:, 100:400] = logits.max()  # a tie across the candidate boundary
-        probs = torch.softmax(torch.round(logits.double() * 1024) / 1024, dim=-1)
-        values, ids = _sorted_nucleus(probs, 0.9)
-        full_values, full_ids = probs.sort(dim=-1, descending=True, stable=True)
-        nucleus = int(((full_values.cumsum(-1) - full_values) < 0.9).sum(-1).max())
-        assert nucleus <= ids.shape[1]
-        assert torch.equal(ids[:, :nucleus], full_ids[:, :nucleus])
-        assert torch.equal(values[:, :nucleus], full_values[:, :nucleus])
+        if trial % 3 == 0:
+            logits[:, 100:400] = logits.max() - 0.5  # a tie across the nucleus boundary
+        keep = nucleus(logits, 0.9).mask()
+        probs = torch.softmax(torch.round(logits * 1024).double() / 1024, dim=-1)
+        ranked, order = probs.sort(dim=-1, descending=True, stable=True)  # stable: ties by token id
+        expected = torch.zeros_like(keep).scatter_(1, order, (ranked.cumsum(-1) - ranked) < 0.9)
+        assert torch.equal(keep, expected)
+        assert torch.equal(nucleus(logits[1:2], 0.9).mask(), keep[1:2])
+        seeds = [torch.Generator().manual_seed(7 + i) for i in range(3)]
+        tokens = _sample_top_p(logits, 0.9, seeds)
+        assert bool(keep[torch.arange(3), tokens].all())
+        assert int(_sample_top_p(logits[2:], 0.9, [torch.Generator().manual_seed(9)])) == int(tokens[2])
