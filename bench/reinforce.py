@@ -129,9 +129,10 @@ def main() -> None:
                                                       max(1, args.batch_size // args.num_augs))
         print(f"`reinforce --add-to` with md-coca-tiny, C={args.num_captions}: {added_s:.1f} s whole call "
               f"({extended['extensions'][-1]['wall_s']:.1f} s after model load), {added_s / captioned_s:.2f}x the "
-              f"captioned run's whole call. Of it: captioner {caption_s:.1f} s, teachers embedding the captions "
-              f"{text_s:.1f} s, the rest (reading, decoding, rewriting shards) "
-              f"{extended['extensions'][-1]['wall_s'] - caption_s - text_s:.1f} s\n")
+              f"captioned run's whole call. Timed alone over the same images: captioner {caption_s:.1f} s, teachers "
+              f"embedding the captions {text_s:.1f} s, together "
+              f"{100 * (caption_s + text_s) / extended['extensions'][-1]['wall_s']:.0f}% of the call (reading, "
+              "decoding and rewriting the shards run beside them)\n")
         results.update(samples=n, bare_s=bare_s, plain_s=plain_work, captioned_s=captioned_work,
                        captioned_over_plain=captioned_work / plain_work, add_to_s=added_s,
                        add_to_over_captioned=added_s / captioned_s, add_to_captioner_s=caption_s,

@@ -241,8 +241,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
     config = ExportConfig(formats=formats, quantize=args.quantize, data=args.data, split=args.split,
-                          coreml_target=args.coreml_target, coreml_compress=args.coreml_compress,
-                          overwrite=args.overwrite, extra={"command": " ".join(sys.argv)})
+                          image_input=args.image_input, coreml_target=args.coreml_target,
+                          coreml_compress=args.coreml_compress, overwrite=args.overwrite,
+                          extra={"command": " ".join(sys.argv)})
     report = export_model(args.model, args.out, config)
     for name, entry in report["files"].items():
         if entry.get("kept") is False:
@@ -250,10 +251,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
         parity = ("spec checked" if entry["min_cosine"] is None
                   else f"max abs diff {entry['max_abs_diff']:.2e}, min cosine {entry['min_cosine']:.6f}")
         print(f"  {name}: {entry['precision']}, {parity}")
+        if entry.get("nodes_outside_delegate") is not None:
+            ops = ", ".join(f"{op} x{n}" for op, n in entry["ops_outside_delegate"].items()) or "none"
+            print(f"    {entry['nodes_outside_delegate']} nodes outside XNNPACK ({ops})")
     if report.get("zeroshot"):
         z = report["zeroshot"]
-        print(f"  zero-shot top-1 on {z['split']}: fp32 {100 * z['fp32_top1']:.1f}%, int8 {100 * z['int8_top1']:.1f}% "
-              f"({z['top1_change_points']:+.1f} points)")
+        pairs = ", ".join(f"{p['format']} {p['precision']} {100 * p['top1']:.1f}%" for p in z["pairs"])
+        print(f"  zero-shot top-1 on {z['split']}: eager {100 * z['eager_top1']:.1f}%; {pairs}")
     if report.get("coreml_note"):
         print(f"  note: {report['coreml_note']}")
     print(f"wrote {args.out} in {report['wall_s']} s")
@@ -410,12 +414,16 @@ def build_parser() -> argparse.ArgumentParser:
     ds.set_defaults(func=_cmd_distill, paths=_Paths(
         ("data", "images", "student", "inherit_from", "online_teacher", "student_from", "config"), (("out", "--out"),)))
 
-    ex = commands.add_parser("export", help="export the image and text towers to ONNX / CoreML, checked against "
-                                            "PyTorch")
+    ex = commands.add_parser("export", help="export the image and text towers to ONNX / CoreML / ExecuTorch / "
+                                            "LiteRT, checked against PyTorch")
     ex.add_argument("--model", required=True, help="model spec (a model directory, ARCH, ARCH@TAG, hf-hub:...)")
     ex.add_argument("--out", required=True, help="export directory to create")
-    ex.add_argument("--format", default="onnx,coreml", help="comma-separated: onnx, coreml (default: both)")
-    ex.add_argument("--quantize", default=None, choices=["int8"], help="also write int8 ONNX towers")
+    ex.add_argument("--format", default="onnx,coreml",
+                    help="comma-separated: onnx, coreml, executorch, litert (default: onnx,coreml)")
+    ex.add_argument("--quantize", default=None, choices=["int8"], help="also write int8 towers in every format but "
+                                                                       "CoreML (see --coreml-compress)")
+    ex.add_argument("--image-input", default="float", choices=["float", "uint8"],
+                    help="float: normalized NCHW float32 (default); uint8: RGB pixels NHWC, normalized in the graph")
     ex.add_argument("--data", default=None,
                     help="dataset root: real parity inputs, int8 calibration images and the zero-shot top-1 change")
     ex.add_argument("--split", default="test", help="split of --data for parity inputs and zero-shot accuracy")

@@ -1,9 +1,10 @@
 """`mobiledistill bench`: batch-1 latency of an export directory's encoders next to eager PyTorch.
 
-Every ONNX file runs in onnxruntime on the CPU with one intra-op thread and with all cores; the eager PyTorch towers
-the files were exported from (reparameterized, as exported) run with the same thread counts. Warm-up runs are
-discarded; median and p90 of the timed runs are reported, and each row's ratio to eager PyTorch for the same tower
-and thread count. CoreML predictions are timed per compute unit on macOS only.
+Every file runs in its own runtime on the CPU with one thread and with all cores: `.onnx` in onnxruntime, `.pte` in
+ExecuTorch and `.tflite` in LiteRT (both on XNNPACK, the kernels Android runs); the eager PyTorch towers the files
+were exported from (reparameterized, as exported) run with the same thread counts. Warm-up runs are discarded;
+median and p90 of the timed runs are reported, and each row's ratio to eager PyTorch for the same tower and thread
+count. CoreML predictions are timed per compute unit on macOS only.
 """
 
 import os
@@ -66,7 +67,7 @@ def bench_export(export_dir: str | Path, config: BenchConfig | None = None) -> d
     """The `bench --json` result: `{"results": [{"file", "runtime", "threads", "batch", "median_ms", "p90_ms",
     ...}], ...}` for every encoder in `export_dir`."""
     from export.exporter import REPORT_NAME
-    from export.onnx_export import onnx_session
+    from export.runtimes import format_of, open_runner, unavailable_reason
 
     config = config or BenchConfig()
     directory = Path(export_dir)
@@ -85,21 +86,29 @@ def bench_export(export_dir: str | Path, config: BenchConfig | None = None) -> d
         raise UserInputError(f"{directory}: preprocess.json or tokenizer.json is malformed ({first_line(e)})") from e
     threads = config.threads or tuple(sorted({1, os.cpu_count() or 1}))
 
-    onnx_files = sorted(directory.glob("*_encoder*.onnx"))
-    eager = _eager_towers(report["model"]) if config.torch_eager else {}
-    jobs = [(f, t) for f in onnx_files for t in threads] + [(tower, t) for tower in eager for t in threads]
+    files = sorted(f for pattern in ("*_encoder*.onnx", "*_encoder*.pte", "*_encoder*.tflite")
+                   for f in directory.glob(pattern))
+    skipped = {}
+    for f in files:
+        reason = unavailable_reason(format_of(f))
+        if reason:
+            skipped[f.name] = reason
+    files = [f for f in files if f.name not in skipped]
+    eager = _eager_towers(report["model"], preprocess) if config.torch_eager else {}
+    # Thread count outermost: ExecuTorch has one thread pool per process, reset when the count changes.
+    jobs = [(f, t) for t in threads for f in files] + [(tower, t) for tower in eager for t in threads]
     results = []
     bar = tqdm(jobs, desc="bench", disable=not config.progress, leave=False)
     for target, num_threads in bar:
         if isinstance(target, Path):
             tower = target.name.split("_", 1)[0]
             bar.set_postfix_str(f"{target.name}, {num_threads} thread(s)")
-            session = onnx_session(target, threads=num_threads)
-            feed = {session.get_inputs()[0].name: inputs[tower]}
-            timing = time_call(lambda s=session, f=feed: s.run(None, f), config.runs, config.warmup)
+            runner = open_runner(target, threads=num_threads)
+            timing = time_call(lambda r=runner, x=inputs[tower]: r.run(x), config.runs, config.warmup)
             precision = "int8" if ".int8." in target.name else "fp32"
-            results.append({"file": target.name, "runtime": "onnxruntime", "tower": tower, "precision": precision,
+            results.append({"file": target.name, "runtime": runner.runtime, "tower": tower, "precision": precision,
                             "threads": num_threads, "batch": 1, **timing})
+            del runner
         else:
             tower = target
             bar.set_postfix_str(f"torch {tower} tower, {num_threads} thread(s)")
@@ -129,6 +138,7 @@ def bench_export(export_dir: str | Path, config: BenchConfig | None = None) -> d
     else:
         coreml = {"status": "needs macOS", "message": COREML_ELSEWHERE}
     return {"results": results, "model": report["model"], "export_dir": str(directory), "coreml": coreml,
+            "not_run": skipped,
             "eager_note": "torch rows: the reparameterized eager model in inference_mode, same thread count",
             "machine": {"system": platform.system(), "machine": platform.machine(), "cpu_count": os.cpu_count(),
                         "processor": platform.processor()},
@@ -136,11 +146,15 @@ def bench_export(export_dir: str | Path, config: BenchConfig | None = None) -> d
 
 
 def bench_image_input(preprocess: dict[str, Any]) -> np.ndarray:
-    """The image `bench` feeds: batch 1 at the export's input size, fixed random values (latency ignores them)."""
+    """The image `bench` feeds: batch 1 at the export's input size and in its input type (normalized float NCHW,
+    or uint8 pixels NHWC), fixed random values (latency ignores them)."""
     height, width = preprocess["size"]
     if not all(type(v) is int and 1 <= v <= MAX_IMAGE_SIDE for v in (height, width)):
         raise ValueError(f"size {preprocess['size']!r} is not two sides in [1, {MAX_IMAGE_SIDE}]")
-    return np.random.default_rng(0).standard_normal((1, 3, height, width)).astype(np.float32)
+    rng = np.random.default_rng(0)
+    if preprocess.get("image_input", "float") == "uint8":
+        return rng.integers(0, 256, (1, height, width, 3), dtype=np.uint8)
+    return rng.standard_normal((1, 3, height, width)).astype(np.float32)
 
 
 def bench_text_input(tokenizer: dict[str, Any]) -> np.ndarray:
@@ -154,7 +168,7 @@ def bench_text_input(tokenizer: dict[str, Any]) -> np.ndarray:
     return ids
 
 
-def _eager_towers(spec: str) -> dict[str, torch.nn.Module]:
+def _eager_towers(spec: str, preprocess: dict[str, Any]) -> dict[str, torch.nn.Module]:
     """The eager towers the export was made from; none when the model can no longer be loaded (moved, offline)."""
     from export.towers import ImageEncoder, TextEncoder, prepare_for_export
     from teachers.specs import load_model
@@ -164,7 +178,9 @@ def _eager_towers(spec: str) -> dict[str, torch.nn.Module]:
     except UserInputError:
         return {}
     model = prepare_for_export(loaded.model).model
-    return {"image": ImageEncoder(model).eval(), "text": TextEncoder(model).eval()}
+    pixels = preprocess.get("image_input", "float") == "uint8"
+    image = ImageEncoder(model, preprocess["mean"], preprocess["std"], pixels=True) if pixels else ImageEncoder(model)
+    return {"image": image.eval(), "text": TextEncoder(model).eval()}
 
 
 def _bench_coreml(directory: Path, inputs: dict[str, np.ndarray], config: BenchConfig) -> list[dict[str, Any]]:
@@ -197,6 +213,8 @@ def format_bench_table(result: dict[str, Any]) -> str:
         threads = r.get("compute_units") or r["threads"]
         lines.append(f"| {r['file']} | {r['runtime']} | {threads} | {r['median_ms']:.2f} | {r['p90_ms']:.2f} | "
                      f"{ratio} |")
+    for name, reason in result.get("not_run", {}).items():
+        lines += ["", f"{name}: not run ({reason})"]
     if result["coreml"]["status"] != "measured":
         lines.append("")
         lines.append(f"CoreML: {result['coreml'].get('message', result['coreml']['status'])}")

@@ -3,17 +3,25 @@
     image_encoder.onnx, text_encoder.onnx            fp32, dynamic batch; max abs diff <= 1e-4, min cosine >= 0.9999
     image_encoder.int8.onnx, text_encoder.int8.onnx  with --quantize int8; min cosine >= 0.99
     image_encoder.mlpackage, text_encoder.mlpackage  with --format coreml; ML Program, iOS17 by default
+    image_encoder.pte, text_encoder.pte              with --format executorch; XNNPACK-delegated, batch 1
+    image_encoder.tflite, text_encoder.tflite        with --format litert; XNNPACK by default, batch 1
+    *.int8.pte, *.int8.tflite                        with --quantize int8 as well; min cosine >= 0.99
     preprocess.json, tokenizer.json, README.md
     export_report.json                               written last: per-file max_abs_diff and min_cosine
 
-The directory is assembled under a temporary name beside `out` and renamed when everything passed, so a failed or
-interrupted export leaves nothing that looks finished.
+Every file is run in its own runtime (onnxruntime, ExecuTorch, LiteRT) against the eager tower before it counts,
+and the parity inputs must first give the eager tower different outputs, or parity would prove nothing (random-weight
+convolutional towers, whose layer scales start at 1e-5, embed every image alike: the report says so). With `--data`
+every pair of files is also scored zero-shot beside eager, and a file more than `zeroshot_max_drop` points below
+eager fails the export. The directory is assembled under a temporary name beside `out` and renamed when everything
+passed, so a failed or interrupted export leaves nothing that looks finished.
 """
 
 import copy
 import json
 import platform
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +30,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from export.parity import FP16_BOUND, FP32_BOUND, INT8_BOUND, ParityBound, check_parity, compare_embeddings
+from export.parity import (
+    FP16_BOUND,
+    FP32_BOUND,
+    INT8_BOUND,
+    ExportError,
+    ParityBound,
+    check_parity,
+    compare_embeddings,
+    outputs_vary,
+)
+from export.runtimes import PHONE_FORMATS, RUNTIME_OF_FORMAT, SUFFIX_OF_FORMAT, open_runner, unavailable_reason
 from export.towers import (
     IMAGE_INPUT,
     IMAGE_OUTPUT,
@@ -39,8 +57,9 @@ from teachers.specs import LoadedModel
 
 __all__ = ["ExportConfig", "export_model", "export_loaded_model", "FORMATS", "REPORT_NAME"]
 
-FORMATS = ("onnx", "coreml")
+FORMATS = ("onnx", "coreml", *PHONE_FORMATS)
 TOWERS = ("image", "text")
+IMAGE_INPUTS = ("float", "uint8")  # normalized float NCHW, or camera pixels uint8 NHWC normalized in the graph
 REPORT_NAME = "export_report.json"
 
 
@@ -53,6 +72,8 @@ class ExportConfig:
     split: str = "test"
     num_parity_samples: int = 16
     num_calibration_samples: int = 32
+    image_input: str = "float"  # or "uint8"
+    zeroshot_max_drop: float = 2.0  # points of top-1 a file may lose against eager on --data
     coreml_target: str = "iOS17"
     coreml_compress: str | None = None  # None, "palettize" or "int8"
     coreml_text_fp16_min_cosine: float = FP16_BOUND.min_cosine
@@ -71,6 +92,8 @@ class ExportConfig:
         unknown = [f for f in self.formats if f not in FORMATS]
         if unknown or not self.formats:
             raise UserInputError(f"unknown export format {','.join(unknown) or '(none)'} (known: {','.join(FORMATS)})")
+        if self.image_input not in IMAGE_INPUTS:
+            raise UserInputError(f"unknown image input {self.image_input!r} (known: {', '.join(IMAGE_INPUTS)})")
         if self.quantize not in (None, "int8"):
             raise UserInputError(f"unknown quantization {self.quantize!r} (known: int8)")
         if self.num_parity_samples < 2:
@@ -106,6 +129,10 @@ def export_loaded_model(loaded: LoadedModel, out: str | Path, config: ExportConf
         reason = coreml_unavailable_reason()
         if reason:
             raise UserInputError(f"{reason}; export with --format onnx")
+    for fmt in PHONE_FORMATS:
+        reason = unavailable_reason(fmt) if fmt in config.formats else None
+        if reason:
+            raise UserInputError(reason)
     with atomic_directory(out) as tmp:
         report = _export_into(loaded, tmp, config)
     return report
@@ -118,43 +145,65 @@ def _export_into(loaded: LoadedModel, directory: Path, config: ExportConfig) -> 
     start = time.time()
     torch.manual_seed(config.seed)
     prepared = prepare_for_export(loaded.model)
-    preprocess = preprocess_json(loaded)
+    pixels = config.image_input == "uint8"
+    preprocess = preprocess_json(loaded, config.image_input)
     height, width = preprocess["size"]
     inputs = load_inputs(config.data, config.split, config.num_parity_samples, max(height, width), config.seed,
                          text_count=config.num_parity_samples)
-    images = torch.stack([loaded.preprocess(im) for im in inputs.images])  # (N, 3, H, W)
-    tokens = loaded.tokenizer(inputs.texts).to(torch.int32)  # (N, L)
+    image_module = (ImageEncoder(prepared.model, preprocess["mean"], preprocess["std"], pixels=True) if pixels
+                    else ImageEncoder(prepared.model))
     towers = {
-        "image": _Tower("image", ImageEncoder(prepared.model).eval(), images, IMAGE_INPUT, IMAGE_OUTPUT),
-        "text": _Tower("text", TextEncoder(prepared.model).eval(), tokens, TEXT_INPUT, TEXT_OUTPUT),
+        "image": _Tower("image", image_module.eval(), image_inputs(loaded, inputs.images, pixels), IMAGE_INPUT,
+                        IMAGE_OUTPUT),
+        "text": _Tower("text", TextEncoder(prepared.model).eval(), loaded.tokenizer(inputs.texts).to(torch.int32),
+                       TEXT_INPUT, TEXT_OUTPUT),
     }
     towers = {name: tower for name, tower in towers.items() if name in config.towers}
+    variation = {}
     for tower in towers.values():
         with torch.no_grad():
             tower.eager = tower.module(tower.inputs).numpy()  # (N, D): what every exported file is compared to
+        variation[tower.name] = outputs_vary(tower.eager)
+    for name, check in variation.items():
+        if not check["varies"]:
+            warnings.warn(f"the eager {name} tower gives nearly the same output for every parity input (mean pairwise "
+                          f"cosine {check['mean_pairwise_cosine']:.4f}): its parity numbers prove little (random "
+                          "weights? layer scales at their 1e-5 start?)", stacklevel=2)
 
     keep_onnx = "onnx" in config.formats
-    steps = len(towers) * (1 + bool(config.quantize) + ("coreml" in config.formats)) + 1
+    phones = [f for f in config.formats if f in PHONE_FORMATS]
+    precisions = 1 + bool(config.quantize)
+    steps = len(towers) * (1 + (bool(config.quantize) and keep_onnx) + ("coreml" in config.formats)
+                           + len(phones) * precisions) + 1 + (config.data is not None)
     bar = tqdm(total=steps, desc="export", disable=not config.progress, leave=False)
     files: dict[str, dict[str, Any]] = {}
     fp32_bound = ParityBound(config.fp32_max_abs_diff, config.fp32_min_cosine)
-    for tower in towers.values():
+    int8_bound = ParityBound(None, config.int8_min_cosine)
+    for tower in towers.values():  # ONNX first: the reference the other formats' choices are read from
         bar.set_postfix_str(f"{tower.name} tower -> ONNX")
-        files[tower.onnx_name] = _export_onnx_tower(tower, directory, fp32_bound)
+        files[tower.file_name("onnx")] = _export_onnx_tower(tower, directory, fp32_bound)
         bar.update()
 
-    zeroshot = None
+    calibration = None
     if config.quantize:
-        int8_bound = ParityBound(None, config.int8_min_cosine)
         calibration = _calibration_inputs(loaded, config, max(height, width))
+    if config.quantize and keep_onnx:
         for tower in towers.values():
             bar.set_postfix_str(f"{tower.name} tower -> int8")
             files[tower.int8_name] = _quantize_tower(tower, directory, calibration[tower.name], int8_bound,
                                                      config.progress)
             bar.update()
-        if config.data is not None and len(towers) == len(TOWERS):
-            bar.set_postfix_str("zero-shot fp32 vs int8")
-            zeroshot = _zero_shot_change(loaded, directory, towers, config)
+
+    for fmt in phones:
+        for tower in towers.values():
+            bar.set_postfix_str(f"{tower.name} tower -> {fmt}")
+            files[tower.file_name(fmt)] = _phone_file(tower, fmt, directory, fp32_bound)
+            bar.update()
+            if config.quantize:
+                bar.set_postfix_str(f"{tower.name} tower -> {fmt} int8")
+                files[tower.file_name(fmt, "int8")] = _phone_int8_file(tower, fmt, directory, calibration[tower.name],
+                                                                      int8_bound)
+                bar.update()
 
     coreml_note = None
     if "coreml" in config.formats:
@@ -169,7 +218,13 @@ def _export_into(loaded: LoadedModel, directory: Path, config: ExportConfig) -> 
                            "CoreML cannot run predictions: numeric parity was checked on ONNX only. Run `mobiledistill "
                            "export` on macOS to check the packages' own outputs.")
 
-    if not keep_onnx:  # the ONNX graphs were only the parity reference of the CoreML packages
+    zeroshot = None
+    if config.data is not None and len(towers) == len(TOWERS):
+        bar.set_postfix_str("zero-shot, every file")
+        zeroshot = _zero_shot(loaded, directory, towers, files, config)
+        bar.update()
+
+    if not keep_onnx:  # the ONNX graphs were only the parity reference of the other formats
         for tower in towers.values():
             (directory / tower.onnx_name).unlink()
             files[tower.onnx_name]["kept"] = False
@@ -184,13 +239,15 @@ def _export_into(loaded: LoadedModel, directory: Path, config: ExportConfig) -> 
         "towers": list(towers),
         "formats": list(config.formats),
         "quantize": config.quantize,
+        "image_input": config.image_input,
         "reparameterized_modules": len(prepared.reparameterized),
         "attention_layers_rewritten": prepared.attention_rewritten,
         "parity_inputs": {"source": inputs.source, "num_images": len(inputs.images), "num_texts": len(inputs.texts),
-                          "batches_checked": [1, len(inputs.images)]},
+                          "batches_checked": [1, len(inputs.images)], "eager_outputs_vary": variation},
         "bounds": {"fp32": {"max_abs_diff": fp32_bound.max_abs_diff, "min_cosine": fp32_bound.min_cosine},
                    "int8": {"min_cosine": config.int8_min_cosine},
-                   "coreml_text_fp16": {"min_cosine": config.coreml_text_fp16_min_cosine}},
+                   "coreml_text_fp16": {"min_cosine": config.coreml_text_fp16_min_cosine},
+                   "zeroshot_max_drop_points": config.zeroshot_max_drop},
         "files": files,
         "zeroshot": zeroshot,
         "coreml_note": coreml_note,
@@ -206,6 +263,18 @@ def _export_into(loaded: LoadedModel, directory: Path, config: ExportConfig) -> 
     return json.loads((directory / REPORT_NAME).read_text())  # what readers of the file see (lists, not tuples)
 
 
+def image_inputs(loaded: LoadedModel, images: list, pixels: bool) -> torch.Tensor:
+    """What the exported image tower takes for `images` (PIL): normalized float (N, 3, H, W) through the model's
+    own preprocessing, or, for a pixel input, the resized and center-cropped uint8 RGB (N, H, W, 3)."""
+    if not pixels:
+        return torch.stack([loaded.preprocess(im) for im in images])
+    from export.files import preprocess_json
+
+    height, width = preprocess_json(loaded)["size"]
+    return torch.stack([torch.from_numpy(np.array(_center_crop(im, height, width), dtype=np.uint8))
+                        for im in images])
+
+
 @dataclass
 class _Tower:
     name: str  # "image" or "text"
@@ -215,17 +284,20 @@ class _Tower:
     output_name: str
     eager: np.ndarray | None = None
 
+    def file_name(self, fmt: str, precision: str = "fp32") -> str:
+        return f"{self.name}_encoder{'.int8' if precision == 'int8' else ''}{SUFFIX_OF_FORMAT[fmt]}"
+
     @property
     def onnx_name(self) -> str:
-        return f"{self.name}_encoder.onnx"
+        return self.file_name("onnx")
 
     @property
     def int8_name(self) -> str:
-        return f"{self.name}_encoder.int8.onnx"
+        return self.file_name("onnx", "int8")
 
     @property
     def coreml_name(self) -> str:
-        return f"{self.name}_encoder.mlpackage"
+        return self.file_name("coreml")
 
 
 def _export_onnx_tower(tower: _Tower, directory: Path, bound) -> dict[str, Any]:
@@ -252,8 +324,9 @@ def _onnx_metrics(session, tower: _Tower, run_onnx) -> dict[str, float]:
 
 def _file_entry(path: Path, tower: _Tower, precision: str, metrics: dict[str, float] | None, session=None,
                 **more: Any) -> dict[str, Any]:
-    entry: dict[str, Any] = {"tower": tower.name, "format": "onnx" if path.suffix == ".onnx" else "coreml",
-                             "precision": precision,
+    from export.runtimes import format_of
+
+    entry: dict[str, Any] = {"tower": tower.name, "format": format_of(path), "precision": precision,
                              "max_abs_diff": None if metrics is None else metrics["max_abs_diff"],
                              "min_cosine": None if metrics is None else metrics["min_cosine"],
                              "checked_by": "onnxruntime" if session is not None else "spec only",
@@ -279,7 +352,7 @@ def _calibration_inputs(loaded: LoadedModel, config: ExportConfig, size: int) ->
     split = "train" if config.data is not None and (Path(config.data) / "train").is_dir() else config.split
     inputs = load_inputs(config.data, split, config.num_calibration_samples, size, config.seed + 1,
                          text_count=config.num_calibration_samples)
-    return {"image": torch.stack([loaded.preprocess(im) for im in inputs.images]),
+    return {"image": image_inputs(loaded, inputs.images, config.image_input == "uint8"),
             "text": loaded.tokenizer(inputs.texts).to(torch.int32)}
 
 
@@ -309,39 +382,139 @@ def _quantize_tower(tower: _Tower, directory: Path, calibration: torch.Tensor, b
                        float32_grouped_convs=len(grouped_convs(fp32_path)) if method == "static_qdq" else 0)
 
 
-def _zero_shot_change(loaded: LoadedModel, directory: Path, towers: dict, config: ExportConfig) -> dict[str, Any]:
-    """Zero-shot top-1 of the fp32 and the int8 ONNX towers on the dataset split (CLIP_benchmark's protocol)."""
+def _phone_file(tower: _Tower, fmt: str, directory: Path, bound: ParityBound) -> dict[str, Any]:
+    """The fp32 `.pte` / `.tflite` of a tower, checked in its own runtime at batch 1 on every parity input."""
+    from export.phones import to_executorch, to_litert
+
+    path = directory / tower.file_name(fmt)
+    convert = to_executorch if fmt == "executorch" else to_litert
+    delegation = convert(_phone_module(tower, fmt), tower.inputs[:1], path)
+    metrics = compare_embeddings(tower.eager, open_runner(path)(tower.inputs.numpy()))
+    check_parity(path.name, metrics, bound)
+    return _phone_entry(path, tower, "fp32", metrics, delegation)
+
+
+def _phone_module(tower: _Tower, fmt: str) -> torch.nn.Module:
+    """The tower rewritten for `fmt`'s XNNPACK (export.phones.for_xnnpack); LiteRT's converter also takes the
+    end-of-text argmax on int32 ids only."""
+    from export.phones import for_xnnpack
+
+    module = tower.module
+    if tower.name == "text" and fmt == "litert":
+        module = TextEncoder(module.model, int32_ids=True)
+    return for_xnnpack(module, fmt, int(tower.eager.shape[1]))
+
+
+def _phone_int8_file(tower: _Tower, fmt: str, directory: Path, calibration: torch.Tensor, bound: ParityBound
+                     ) -> dict[str, Any]:
+    """The int8 file of a tower: static int8 first where the ONNX path found a convolutional tower (what XNNPACK's
+    int8 convolutions pay off on), dynamic int8 after it or alone; the first method that meets the bound stays."""
+    from export.phones import to_executorch, to_litert
+    from export.quantize import quantization_method
+
+    path = directory / tower.file_name(fmt, "int8")
+    convert = to_executorch if fmt == "executorch" else to_litert
+    methods = ["static", "dynamic"] if quantization_method(directory / tower.onnx_name, tower.name) == "static_qdq" \
+        else ["dynamic"]
+    batches = [x[None] for x in calibration]  # (1, ...) each
+    tried = []
+    for method in methods:
+        try:
+            delegation = convert(_phone_module(tower, fmt), tower.inputs[:1], path, method, batches)
+            metrics = compare_embeddings(tower.eager, open_runner(path)(tower.inputs.numpy()))
+        except ExportError as e:  # this method does not convert; the next may
+            tried.append({"method": method, "error": str(e)})
+            continue
+        tried.append({"method": method, "min_cosine": metrics["min_cosine"]})
+        if np.isfinite(metrics["min_cosine"]) and metrics["min_cosine"] >= bound.min_cosine:
+            return _phone_entry(path, tower, "int8", metrics, delegation, method=method,
+                                calibration_samples=len(batches) if method == "static" else 0, tried=tried)
+    path.unlink(missing_ok=True)
+    summary = ", ".join(f"{t['method']} {t['min_cosine']:.4f}" if "min_cosine" in t else f"{t['method']} failed"
+                        for t in tried)
+    raise ExportError(f"{path.name} misses its parity bound with every int8 method ({summary}; bound min cosine "
+                      f"{bound.min_cosine:g})")
+
+
+def _phone_entry(path: Path, tower: _Tower, precision: str, metrics: dict[str, float], delegation: dict[str, Any],
+                 **more: Any) -> dict[str, Any]:
+    entry = _file_entry(path, tower, precision, metrics, None, **delegation, **more)
+    entry["checked_by"] = RUNTIME_OF_FORMAT[entry["format"]] + " (XNNPACK)"
+    entry["batch"] = 1
+    if entry["format"] == "litert":  # what the flatbuffer itself declares
+        interpreter = open_runner(path, threads=1).interpreter
+        for key, rows in (("inputs", interpreter.get_input_details()), ("outputs", interpreter.get_output_details())):
+            entry[key] = [{"name": r["name"], "shape": [int(v) for v in r["shape"]], "dtype": np.dtype(r["dtype"]).name}
+                          for r in rows]
+    else:
+        entry["inputs"] = [{"name": tower.input_name, "shape": [1, *tower.inputs.shape[1:]],
+                            "dtype": str(tower.inputs.dtype).removeprefix("torch.")}]
+        entry["outputs"] = [{"name": tower.output_name, "shape": [1, int(tower.eager.shape[1])], "dtype": "float32"}]
+    return entry
+
+
+def _zero_shot(loaded: LoadedModel, directory: Path, towers: dict, files: dict[str, dict[str, Any]],
+               config: ExportConfig) -> dict[str, Any] | None:
+    """Zero-shot top-1 on the dataset split (CLIP_benchmark's protocol) of the eager towers and of every image /
+    text file pair of one format and precision, each run in its own runtime; a pair more than
+    `zeroshot_max_drop` points below eager fails the export."""
     from distill.evaluate import load_eval_data, zero_shot_metrics
-    from export.onnx_export import onnx_session, run_onnx
 
     data = load_eval_data(config.data, config.split)
     prompts = [t.format(c=c) for c in data.classnames for t in data.templates]
-    prompt_tokens = loaded.tokenizer(prompts).to(torch.int32).numpy()  # (C * T, L)
-    precisions = (("fp32", ".onnx"), ("int8", ".int8.onnx"))
-    classifiers, image_sessions = {}, {}
-    for precision, suffix in precisions:
-        text_emb = torch.from_numpy(run_onnx(onnx_session(directory / f"text_encoder{suffix}"), prompt_tokens))
-        classifier = text_emb.view(len(data.classnames), len(data.templates), -1).mean(dim=1)  # (C, D)
-        classifiers[precision] = torch.nn.functional.normalize(classifier, dim=-1)
-        image_sessions[precision] = onnx_session(directory / f"image_encoder{suffix}")
-    logits: dict[str, list[torch.Tensor]] = {precision: [] for precision, _ in precisions}
+    prompt_tokens = loaded.tokenizer(prompts).to(torch.int32)  # (C * T, L)
+    pairs = {}  # (format, precision) -> (image runner, text runner)
+    for name, entry in files.items():
+        if entry["tower"] == "image" and entry["format"] in config.formats and entry["format"] != "coreml":
+            text_name = name.replace("image_encoder", "text_encoder")
+            if text_name in files:
+                pairs[(entry["format"], entry["precision"])] = (name, text_name)
+
+    def classifier(text_embeddings: np.ndarray) -> torch.Tensor:
+        per_prompt = torch.from_numpy(np.asarray(text_embeddings, dtype=np.float32))
+        weights = per_prompt.view(len(data.classnames), len(data.templates), -1).mean(dim=1)  # (C, D)
+        return torch.nn.functional.normalize(weights, dim=-1)
+
+    with torch.no_grad():
+        classifiers = {"eager": classifier(towers["text"].module(prompt_tokens).numpy())}
+    image_runners = {}
+    for key, (image_name, text_name) in pairs.items():
+        classifiers[key] = classifier(open_runner(directory / text_name)(prompt_tokens.numpy()))
+        image_runners[key] = open_runner(directory / image_name)
+    logits: dict[Any, list[torch.Tensor]] = {key: [] for key in classifiers}
     labels = []
     for images, _, batch_labels in data.batches(64):
         keep = batch_labels >= 0
         if not keep.any():
             continue
-        pixels = torch.stack([loaded.preprocess(im) for im, k in zip(images, keep) if k]).numpy()
-        for precision, session in image_sessions.items():
-            image_emb = torch.from_numpy(run_onnx(session, pixels))  # (B, D)
-            logits[precision].append(image_emb @ classifiers[precision].T)
+        x = image_inputs(loaded, [im for im, k in zip(images, keep) if k], config.image_input == "uint8")
+        with torch.no_grad():
+            logits["eager"].append(towers["image"].module(x) @ classifiers["eager"].T)
+        for key, runner in image_runners.items():
+            logits[key].append(torch.from_numpy(runner(x.numpy())) @ classifiers[key].T)
         labels.append(batch_labels[keep])
     if not labels:
         return None
     labels = torch.cat(labels)
-    result = {"split": config.split, "num_samples": len(labels), "num_classes": len(data.classnames)}
-    for precision, _ in precisions:
-        result[f"{precision}_top1"] = zero_shot_metrics(torch.cat(logits[precision]), labels)["top1"]
-    result["top1_change_points"] = 100 * (result["int8_top1"] - result["fp32_top1"])
+    top1 = {key: zero_shot_metrics(torch.cat(rows), labels)["top1"] for key, rows in logits.items()}
+    result: dict[str, Any] = {"split": config.split, "num_samples": len(labels), "num_classes": len(data.classnames),
+                              "eager_top1": top1["eager"], "pairs": []}
+    for (fmt, precision), (image_name, text_name) in pairs.items():
+        change = 100 * (top1[(fmt, precision)] - top1["eager"])
+        result["pairs"].append({"format": fmt, "precision": precision, "image_file": image_name,
+                                "text_file": text_name, "top1": top1[(fmt, precision)],
+                                "change_points_vs_eager": change})
+        for name in (image_name, text_name):
+            files[name]["zeroshot_top1"] = top1[(fmt, precision)]
+    if ("onnx", "int8") in top1 and ("onnx", "fp32") in top1:  # the ONNX summary earlier reports carried
+        result["fp32_top1"], result["int8_top1"] = top1[("onnx", "fp32")], top1[("onnx", "int8")]
+        result["top1_change_points"] = 100 * (result["int8_top1"] - result["fp32_top1"])
+    worst = min(result["pairs"], key=lambda p: p["change_points_vs_eager"], default=None)
+    if worst is not None and worst["change_points_vs_eager"] < -config.zeroshot_max_drop:
+        raise ExportError(f"{worst['image_file']} + {worst['text_file']}: zero-shot top-1 {100 * worst['top1']:.1f}% "
+                          f"against eager's {100 * top1['eager']:.1f}%, a change of "
+                          f"{worst['change_points_vs_eager']:+.1f} points, below the {-config.zeroshot_max_drop:+g} "
+                          "allowed")
     return result
 
 

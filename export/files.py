@@ -12,8 +12,9 @@ __all__ = ["preprocess_json", "tokenizer_json", "export_readme", "TOKENIZER_EXAM
 TOKENIZER_EXAMPLES = ("a photo of a dog.", "An emoji of a woman technologist!", "cat")
 
 
-def preprocess_json(loaded: LoadedModel) -> dict[str, Any]:
-    """Size, mean, std, interpolation and the resize rule of the image tower (open_clip's preprocess_cfg)."""
+def preprocess_json(loaded: LoadedModel, image_input: str = "float") -> dict[str, Any]:
+    """Size, mean, std, interpolation and the resize rule of the image tower (open_clip's preprocess_cfg), and the
+    input the exported image encoders take: normalized float NCHW, or uint8 RGB pixels NHWC (`image_input`)."""
     cfg = loaded.preprocess_cfg
     size = cfg["size"]
     height, width = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
@@ -23,11 +24,18 @@ def preprocess_json(loaded: LoadedModel) -> dict[str, Any]:
         "std": [float(s) for s in cfg["std"]],
         "interpolation": cfg.get("interpolation", "bicubic"),
         "resize_mode": cfg.get("resize_mode", "shortest"),
+        "image_input": image_input,
         "steps": [f"resize the shorter side to {min(height, width)} ({cfg.get('interpolation', 'bicubic')})",
-                  f"center-crop to {height} x {width}", "RGB, scale to [0, 1]", "subtract mean, divide by std",
-                  "layout NCHW float32"],
-        "onnx_input": {"name": "image", "shape": ["batch", 3, height, width], "dtype": "float32",
-                       "normalized": True},
+                  f"center-crop to {height} x {width}",
+                  *(["RGB, scale to [0, 1]", "subtract mean, divide by std", "layout NCHW float32"]
+                    if image_input == "float" else ["RGB uint8, layout NHWC (the encoders normalize inside)"])],
+        "onnx_input": ({"name": "image", "shape": ["batch", 3, height, width], "dtype": "float32",
+                        "normalized": True} if image_input == "float" else
+                       {"name": "image", "shape": ["batch", height, width, 3], "dtype": "uint8",
+                        "normalized": False, "note": "scale and mean/std normalization are inside the graph"}),
+        "phone_input": ({"name": "image", "shape": [1, 3, height, width], "dtype": "float32", "normalized": True}
+                        if image_input == "float" else
+                        {"name": "image", "shape": [1, height, width, 3], "dtype": "uint8", "normalized": False}),
         "coreml_input": {"name": "image", "type": "RGB image", "size": [height, width],
                          "normalized": False, "note": "mean/std normalization is inside the CoreML model"},
     }
@@ -119,6 +127,22 @@ def export_readme(report: dict[str, Any], preprocess: dict[str, Any], tokenizer:
                       "inputs): their outlier channels' range moved into the weights; same values in float.", ""]
     if report.get("coreml_note"):
         lines += [report["coreml_note"], ""]
+    delegated = [(name, entry) for name, entry in files.items() if entry.get("nodes_outside_delegate") is not None]
+    if delegated:
+        lines += ["The `.pte` (ExecuTorch) and `.tflite` (LiteRT) files take batch 1 and run on XNNPACK; what runs "
+                  "outside it, per file:", ""]
+        for name, entry in delegated:
+            ops = ", ".join(f"{op} x{n}" for op, n in entry["ops_outside_delegate"].items()) or "nothing"
+            method = f" ({entry['method']} int8)" if entry.get("method") else ""
+            lines.append(f"- `{name}`{method}: {entry['delegated_nodes']} nodes in XNNPACK, "
+                         f"{entry['nodes_outside_delegate']} outside: {ops}")
+        lines.append("")
+    zeroshot = report.get("zeroshot")
+    if zeroshot and zeroshot.get("pairs"):
+        lines += [f"Zero-shot top-1 on `{zeroshot['split']}` ({zeroshot['num_samples']} images, "
+                  f"{zeroshot['num_classes']} classes): eager PyTorch {100 * zeroshot['eager_top1']:.1f}%; "
+                  + "; ".join(f"{p['format']} {p['precision']} {100 * p['top1']:.1f}%" for p in zeroshot["pairs"])
+                  + ".", ""]
     text_file = "text_encoder.onnx"
     if tokenizer["kind"] == "clip_bpe":
         tokenize = ["from open_clip.tokenizer import SimpleTokenizer  # CLIP's BPE: the vocab and merges in "
@@ -144,8 +168,10 @@ def export_readme(report: dict[str, Any], preprocess: dict[str, Any], tokenizer:
               "image = image.resize((round(image.width * scale), round(image.height * scale)), Image.BICUBIC)",
               "left, top = (image.width - w) // 2, (image.height - h) // 2",
               "image = image.crop((left, top, left + w, top + h))",
-              "x = (np.asarray(image, dtype=np.float32) / 255 - pre[\"mean\"]) / pre[\"std\"]",
-              "x = x.transpose(2, 0, 1)[None].astype(np.float32)  # (1, 3, H, W)",
+              *(["x = np.asarray(image, dtype=np.uint8)[None]  # (1, H, W, 3): the encoder normalizes inside"]
+                if preprocess.get("image_input") == "uint8" else
+                ["x = (np.asarray(image, dtype=np.float32) / 255 - pre[\"mean\"]) / pre[\"std\"]",
+                 "x = x.transpose(2, 0, 1)[None].astype(np.float32)  # (1, 3, H, W)"]),
               *tokenize,
               "image_embedding = image_encoder.run(None, {\"image\": x})[0]  # (1, D), unit length",
               "text_embedding = text_encoder.run(None, {\"text\": ids})[0]  # (1, D), unit length",
@@ -171,4 +197,86 @@ def export_readme(report: dict[str, Any], preprocess: dict[str, Any], tokenizer:
               "    }",
               "    return dot",
               "}", "```", ""]
+    lines += _kotlin_snippets(report, preprocess, tokenizer)
     return "\n".join(lines)
+
+
+def _kotlin_snippets(report: dict[str, Any], preprocess: dict[str, Any], tokenizer: dict[str, Any]) -> list[str]:
+    '""Android snippets for the formats in the export: ONNX Runtime, ExecuTorch and LiteRT, all from Kotlin.""'
+    height, width = preprocess["size"]
+    length, dim = tokenizer["context_length"], report["embed_dim"]
+    pixels = preprocess.get("image_input") == "uint8"
+    if pixels:
+        image_comment = f"RGB bytes of the {width} x {height} center crop, row by row (NHWC uint8)"
+        shape = f"1, {height}, {width}, 3"
+    else:
+        image_comment = f"the {width} x {height} center crop, normalized as preprocess.json says (NCHW float32)"
+        shape = f"1, 3, {height}, {width}"
+    pixel_type = "ByteArray" if pixels else "FloatArray"
+    formats = {entry["format"] for entry in report["files"].values() if entry.get("kept", True)}
+    lines = ["## Kotlin (Android)", "", "Token ids come from a port of `tokenizer.json` (its `examples` are the ids "
+             "to expect); both embeddings are unit length, so their dot product is the cosine.", ""]
+    if "onnx" in formats:
+        lines += ["ONNX Runtime (`com.microsoft.onnxruntime:onnxruntime-android`):", "", "```kotlin",
+                  "import ai.onnxruntime.OnnxTensor",
+                  "import ai.onnxruntime.OrtEnvironment",
+                  "import java.nio.IntBuffer",
+                  *(["import java.nio.ByteBuffer", "import ai.onnxruntime.OnnxJavaType"] if pixels
+                    else ["import java.nio.FloatBuffer"]), "",
+                  f"fun embedOnnx(dir: String, pixels: {pixel_type}, tokenIds: IntArray): "
+                  "Pair<FloatArray, FloatArray> {",
+                  f"    // pixels: {image_comment}; tokenIds: {length} int32 ids",
+                  "    val env = OrtEnvironment.getEnvironment()",
+                  '    val imageSession = env.createSession("$dir/image_encoder.onnx")',
+                  '    val textSession = env.createSession("$dir/text_encoder.onnx")',
+                  (f"    val image = OnnxTensor.createTensor(env, ByteBuffer.wrap(pixels), longArrayOf({shape}), "
+                   "OnnxJavaType.UINT8)" if pixels else
+                   f"    val image = OnnxTensor.createTensor(env, FloatBuffer.wrap(pixels), longArrayOf({shape}))"),
+                  f"    val text = OnnxTensor.createTensor(env, IntBuffer.wrap(tokenIds), longArrayOf(1, {length}))",
+                  '    val imageOut = imageSession.run(mapOf("image" to image))[0].value',
+                  '    val textOut = textSession.run(mapOf("text" to text))[0].value',
+                  "    val imageEmbedding = (imageOut as Array<FloatArray>)[0]",
+                  "    val textEmbedding = (textOut as Array<FloatArray>)[0]",
+                  "    return imageEmbedding to textEmbedding",
+                  "}", "```", ""]
+    if "executorch" in formats:
+        lines += ["ExecuTorch (`org.pytorch:executorch-android`, XNNPACK inside):", "", "```kotlin",
+                  "import org.pytorch.executorch.EValue",
+                  "import org.pytorch.executorch.Module",
+                  "import org.pytorch.executorch.Tensor", "",
+                  f"fun embedExecuTorch(dir: String, pixels: {pixel_type}, tokenIds: IntArray): "
+                  "Pair<FloatArray, FloatArray> {",
+                  f"    // pixels: {image_comment}; tokenIds: {length} int32 ids",
+                  '    val imageEncoder = Module.load("$dir/image_encoder.pte")  // or image_encoder.int8.pte',
+                  '    val textEncoder = Module.load("$dir/text_encoder.pte")',
+                  (f"    val image = Tensor.fromBlobUnsigned(pixels, longArrayOf({shape}))" if pixels else
+                   f"    val image = Tensor.fromBlob(pixels, longArrayOf({shape}))"),
+                  f"    val text = Tensor.fromBlob(tokenIds, longArrayOf(1, {length}))",
+                  "    val imageEmbedding = imageEncoder.forward(EValue.from(image))[0].toTensor().dataAsFloatArray",
+                  "    val textEmbedding = textEncoder.forward(EValue.from(text))[0].toTensor().dataAsFloatArray",
+                  "    return imageEmbedding to textEmbedding",
+                  "}", "```", ""]
+    if "litert" in formats:
+        element = "1" if pixels else "4"
+        put = "input.put(pixels)" if pixels else "input.asFloatBuffer().put(pixels)"
+        lines += ["LiteRT (`com.google.ai.edge.litert:litert`; XNNPACK is its default CPU delegate):", "",
+                  "```kotlin",
+                  "import java.io.File",
+                  "import java.nio.ByteBuffer",
+                  "import java.nio.ByteOrder",
+                  "import org.tensorflow.lite.Interpreter", "",
+                  f"fun embedLiteRT(dir: String, pixels: {pixel_type}, tokenIds: IntArray): "
+                  "Pair<FloatArray, FloatArray> {",
+                  f"    // pixels: {image_comment}; tokenIds: {length} int32 ids",
+                  "    val options = Interpreter.Options().setNumThreads(4)",
+                  '    val imageEncoder = Interpreter(File("$dir/image_encoder.tflite"), options)  // or .int8.tflite',
+                  '    val textEncoder = Interpreter(File("$dir/text_encoder.tflite"), options)',
+                  f"    val input = ByteBuffer.allocateDirect({element} * pixels.size).order(ByteOrder.nativeOrder())",
+                  f"    {put}",
+                  f"    val imageEmbedding = Array(1) {{ FloatArray({dim}) }}",
+                  "    imageEncoder.run(input, imageEmbedding)",
+                  f"    val textEmbedding = Array(1) {{ FloatArray({dim}) }}",
+                  "    textEncoder.run(arrayOf(tokenIds), textEmbedding)",
+                  "    return imageEmbedding[0] to textEmbedding[0]",
+                  "}", "```", ""]
+    return lines

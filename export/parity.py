@@ -6,8 +6,8 @@ import numpy as np
 
 from mdcore.errors import UserInputError
 
-__all__ = ["ExportError", "ParityBound", "compare_embeddings", "check_parity", "FP32_BOUND", "INT8_BOUND",
-           "FP16_BOUND"]
+__all__ = ["ExportError", "ParityBound", "compare_embeddings", "check_parity", "outputs_vary", "FP32_BOUND",
+           "INT8_BOUND", "FP16_BOUND", "VARY_BELOW"]
 
 
 class ExportError(UserInputError):
@@ -23,6 +23,7 @@ class ParityBound:
 FP32_BOUND = ParityBound(max_abs_diff=1e-4, min_cosine=0.9999)
 FP16_BOUND = ParityBound(max_abs_diff=None, min_cosine=0.999)
 INT8_BOUND = ParityBound(max_abs_diff=None, min_cosine=0.99)
+VARY_BELOW = 0.99  # mean pairwise cosine of the eager outputs under which parity can tell a wrong file apart
 
 
 def compare_embeddings(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
@@ -48,3 +49,17 @@ def check_parity(name: str, metrics: dict[str, float], bound: ParityBound) -> No
     if cosine < bound.min_cosine:
         raise ExportError(f"{name} misses its parity bound: min cosine {cosine:.6f} < {bound.min_cosine:g} "
                           f"(max abs diff {diff:.3g})")
+
+
+def outputs_vary(embeddings: np.ndarray, below: float = VARY_BELOW) -> dict[str, float | bool]:
+    """Whether a tower's outputs over different inputs differ enough for parity to mean something: the mean cosine
+    between the rows of (N, D), every pair once. A tower that embeds every input alike (random-weight FastViT, its
+    layer scales at 1e-5) passes any cosine bound whatever a converter did to it."""
+    unit = np.asarray(embeddings, dtype=np.float64)
+    unit = unit / np.linalg.norm(unit, axis=-1, keepdims=True)
+    n = len(unit)
+    if n < 2:
+        return {"mean_pairwise_cosine": None, "varies": False}
+    gram = unit @ unit.T
+    mean = float((gram.sum() - np.trace(gram)) / (n * (n - 1)))
+    return {"mean_pairwise_cosine": mean, "varies": bool(mean < below)}

@@ -26,32 +26,51 @@ class ImageEncoder(nn.Module):
     """The image tower with L2-normalized output.
 
     With `mean` and `std` the module normalizes its input itself and takes RGB in [0, 1]: CoreML's image inputs
-    scale by one scalar only, so per-channel CLIP normalization has to live inside the graph.
+    scale by one scalar only, so per-channel CLIP normalization has to live inside the graph. With `pixels` as well
+    it takes camera pixels, uint8 RGB (B, H, W, 3), and the scale to [0, 1] joins the normalization.
     """
 
-    def __init__(self, model: nn.Module, mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None):
+    def __init__(self, model: nn.Module, mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None,
+                 pixels: bool = False):
         super().__init__()
         self.model = model
         self.normalize_input = mean is not None
+        self.pixels = pixels
+        if pixels and not self.normalize_input:
+            raise ValueError("a pixel input needs the mean and std to normalize with")
         if self.normalize_input:
-            self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-            self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+            scale = 255.0 if pixels else 1.0  # (x / 255 - mean) / std == (x - 255 mean) / (255 std)
+            self.register_buffer("mean", scale * torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1),
+                                 persistent=False)
+            self.register_buffer("std", scale * torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1),
+                                 persistent=False)
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
+    def embed(self, image: torch.Tensor) -> torch.Tensor:
+        """The embedding before its L2 normalization, (B, D)."""
+        if self.pixels:
+            image = image.permute(0, 3, 1, 2).to(torch.float32)  # (B, H, W, 3) uint8 -> (B, 3, H, W)
         if self.normalize_input:
             image = (image - self.mean) / self.std  # (B, 3, H, W)
-        return F.normalize(self.model.encode_image(image), dim=-1)  # (B, D)
+        return self.model.encode_image(image)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.embed(image), dim=-1)  # (B, D)
 
 
 class TextEncoder(nn.Module):
     """The text tower with L2-normalized output; takes int32 token ids (B, context_length)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, int32_ids: bool = False):
         super().__init__()
         self.model = model
+        self.int32_ids = int32_ids  # LiteRT: the end-of-text argmax converts on int32 ids only
+
+    def embed(self, text: torch.Tensor) -> torch.Tensor:
+        """The embedding before its L2 normalization, (B, D)."""
+        return self.model.encode_text(text if self.int32_ids else text.long())
 
     def forward(self, text: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.model.encode_text(text.long()), dim=-1)  # (B, D)
+        return F.normalize(self.embed(text), dim=-1)  # (B, D)
 
 
 class ExportableSelfAttention(nn.MultiheadAttention):

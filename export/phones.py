@@ -1,0 +1,259 @@
+"""Android's two runtimes: ExecuTorch programs (`.pte`) and LiteRT flatbuffers (`.tflite`), both on XNNPACK.
+
+    to_executorch(module, example, path, method, calibration)  torch.export -> [PT2E int8] -> XNNPACK partition
+    to_litert(module, example, path, method, calibration)      litert-torch -> [ai-edge-quantizer int8]
+
+`method` is None (float32), "dynamic" (int8 weights per channel, activations quantized at run time) or "static"
+(int8 activations too, ranges from the calibration inputs). Each returns what ran outside the XNNPACK delegate:
+`{"delegated_nodes", "nodes_outside_delegate", "ops_outside_delegate": {op: count}, ...}`.
+
+`for_xnnpack(encoder, fmt)` rewrites a tower (on a copy, same values) so that more of it runs inside XNNPACK. What
+each runtime's XNNPACK leaves outside, found on md-student-tiny's towers:
+- ExecuTorch 1.5 delegates no layer norm and no reduction over the last axis (sum, mean), and lowers a 4-D matrix
+  product to an `expand_copy` of each operand before a 3-D one. So layer norms compute their mean and variance as a
+  fully connected layer against a constant averaging row, the L2 norm sums its squares the same way, and attention
+  multiplies (B * heads, L, d) batches and slices Q, K, V apart instead of splitting them. Image tower: 36 nodes
+  outside to 2, 0.84 to 0.66 ms at one thread; text tower: 31 to 5 (the token lookup, the end-of-text argmax).
+- LiteRT delegates all of that but the `POW` of `F.normalize`: the L2 norm multiplies instead (1 node to 0).
+
+Why these quantizers: ExecuTorch's own XNNPACKQuantizer is the one its XNNPACK partitioner matches. For LiteRT,
+ai-edge-quantizer works on the converted flatbuffer; PT2E's dynamic int8 quantizes a text tower's embedding table
+with a nonzero zero point, which LiteRT's interpreter refuses.
+"""
+
+import logging
+import os
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from export.parity import ExportError
+from export.runtimes import quiet_native
+from export.towers import ExportableSelfAttention
+from mdcore.errors import first_line
+
+__all__ = ["to_executorch", "to_litert", "for_xnnpack", "QUANTIZATION_METHODS"]
+
+QUANTIZATION_METHODS = ("dynamic", "static")
+
+
+class _SumOfSquares(nn.Module):
+    """Sum of squares over the last axis, (..., D) -> (..., 1), as a fully connected layer against a row of ones
+    (ExecuTorch's XNNPACK runs no last-axis reduction). Kept float by the int8 quantizer."""
+
+    def __init__(self, dim: int, scale: float = 1.0):
+        super().__init__()
+        self.register_buffer("row", torch.full((1, dim), scale), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x * x, self.row)
+
+
+class _UnitEmbedding(nn.Module):
+    """An encoder whose L2 normalization XNNPACK runs: x / max(|x|, 1e-12), as F.normalize, from multiplications."""
+
+    def __init__(self, encoder: nn.Module, dim: int, as_linear: bool):
+        super().__init__()
+        self.encoder = encoder
+        self.squares = _SumOfSquares(dim) if as_linear else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        embedding = self.encoder.embed(x)  # (B, D)
+        squares = self.squares(embedding) if self.squares is not None else (embedding * embedding).sum(-1, True)
+        return embedding * torch.rsqrt(squares.clamp_min(1e-24))
+
+
+class _RowStatLayerNorm(nn.LayerNorm):
+    """LayerNorm over the last axis whose mean and variance are fully connected layers against a constant
+    averaging row, so that XNNPACK (ExecuTorch 1.5) runs it; same values in float."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = self.mean_of(x)  # (..., 1)
+        centered = x - mean
+        variance = self.mean_of.squared(centered)
+        out = centered * torch.rsqrt(variance + self.eps)
+        return out * self.weight + self.bias if self.weight is not None else out
+
+
+class _LastAxisMean(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.register_buffer("row", torch.full((1, dim), 1.0 / dim), persistent=False)
+        self.squared = _SumOfSquares(dim, 1.0 / dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.row)
+
+
+class _BatchedSelfAttention(ExportableSelfAttention):
+    """ExportableSelfAttention with (B * heads, L, d) matrix products and Q, K, V sliced apart: ExecuTorch lowers
+    4-D products and splits through copies outside XNNPACK."""
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        plain = (key is query and value is query and self.batch_first and self._qkv_same_embed_dim
+                 and key_padding_mask is None and not need_weights and not is_causal and self.bias_k is None
+                 and not self.add_zero_attn and (self.dropout == 0.0 or not self.training))
+        if not plain:
+            return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
+                                   attn_mask=attn_mask, average_attn_weights=average_attn_weights,
+                                   is_causal=is_causal)
+        batch, length, width = query.shape
+        heads, head_dim = self.num_heads, width // self.num_heads
+        qkv = F.linear(query, self.in_proj_weight, self.in_proj_bias)  # (B, L, 3 * E)
+        q, k, v = qkv[..., :width], qkv[..., width:2 * width], qkv[..., 2 * width:]  # (B, L, E) each
+
+        def heads_first(t: torch.Tensor) -> torch.Tensor:  # (B, L, E) -> (B * H, L, E / H)
+            return t.reshape(batch, length, heads, head_dim).transpose(1, 2).reshape(batch * heads, length, head_dim)
+
+        scores = torch.bmm(heads_first(q * head_dim ** -0.5), heads_first(k).transpose(1, 2))  # (B * H, L, L)
+        if attn_mask is not None:
+            if attn_mask.dtype == torch.bool:  # MHA's boolean masks mark the positions to leave out
+                attn_mask = torch.zeros_like(attn_mask, dtype=q.dtype).masked_fill(attn_mask, float("-inf"))
+            scores = scores + attn_mask  # (L, L) or (B * H, L, L)
+        out = torch.bmm(scores.softmax(dim=-1), heads_first(v))  # (B * H, L, E / H)
+        out = out.reshape(batch, heads, length, head_dim).transpose(1, 2).reshape(batch, length, width)
+        return self.out_proj(out), None
+
+
+def _plain_layer_norm(module: nn.Module) -> bool:
+    """nn.LayerNorm or open_clip's float-casting subclass over the last axis; not timm's LayerNorm2d and other
+    subclasses that permute first."""
+    from open_clip.transformer import LayerNorm as OpenClipLayerNorm
+
+    return type(module) in (nn.LayerNorm, OpenClipLayerNorm) and len(module.normalized_shape) == 1
+
+
+def for_xnnpack(encoder: nn.Module, fmt: str, dim: int) -> nn.Module:
+    """A copy of `encoder` (an ImageEncoder or TextEncoder) rewritten so that `fmt`'s XNNPACK runs more of it
+    (see the module docstring); the caller's encoder is untouched."""
+    encoder = copy.deepcopy(encoder).eval()
+    if fmt == "executorch":
+        for module in encoder.modules():
+            if type(module) is ExportableSelfAttention:
+                module.__class__ = _BatchedSelfAttention
+            elif _plain_layer_norm(module):
+                module.__class__ = _RowStatLayerNorm
+                module.mean_of = _LastAxisMean(module.normalized_shape[0])
+    return _UnitEmbedding(encoder, dim, as_linear=fmt == "executorch").eval()
+
+
+def _quiet():
+    for name in ("torch.export", "torch._export", "executorch", "litert_torch", "absl", "jax"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def to_executorch(module: torch.nn.Module, example: torch.Tensor, path: str | Path, method: str | None = None,
+                  calibration: list[torch.Tensor] | None = None) -> dict[str, Any]:
+    """Lower `module(example)` (batch 1) to an XNNPACK-delegated ExecuTorch program at `path`."""
+    with quiet_native():  # their imports print notices of their own
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+        from executorch.devtools.backend_debug import get_delegation_info
+        from executorch.exir import to_edge_transform_and_lower
+
+    _quiet()
+    try:
+        with warnings.catch_warnings(), torch.no_grad(), quiet_native():
+            warnings.simplefilter("ignore")
+            program = torch.export.export(module.eval(), (example,))
+            if method is not None:
+                program = torch.export.export(_pt2e_int8(program.module(), method, calibration or [example]),
+                                              (example,))
+            edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
+            info = get_delegation_info(edge.exported_program().graph_module)
+            Path(path).write_bytes(edge.to_executorch().buffer)
+    except ExportError:
+        raise
+    except Exception as e:  # torch.export and the lowering raise many types; all mean "does not lower"
+        raise ExportError(f"cannot lower {Path(path).name} to ExecuTorch: {first_line(e)}") from e
+    outside = {op: b.non_delegated for op, b in info.delegation_by_operator.items()
+               if b.non_delegated and op != "getitem"}  # getitem only unpacks a delegate's outputs
+    return {"delegate": "xnnpack", "delegated_subgraphs": info.num_delegated_subgraphs,
+            "delegated_nodes": info.num_delegated_nodes, "nodes_outside_delegate": sum(outside.values()),
+            "ops_outside_delegate": dict(sorted(outside.items()))}
+
+
+def _pt2e_int8(graph_module, method: str, calibration: list[torch.Tensor]):
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+        XNNPACKQuantizer,
+        get_symmetric_quantization_config,
+    )
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    quantizer = XNNPACKQuantizer().set_global(
+        get_symmetric_quantization_config(is_per_channel=True, is_dynamic=method == "dynamic"))
+    for statistic in (_SumOfSquares, _LastAxisMean):  # norms' statistics stay float
+        quantizer.set_module_type(statistic, None)
+    prepared = prepare_pt2e(graph_module, quantizer)
+    for x in calibration if method == "static" else calibration[:1]:
+        prepared(x)
+    return convert_pt2e(prepared)
+
+
+def to_litert(module: torch.nn.Module, example: torch.Tensor, path: str | Path, method: str | None = None,
+              calibration: list[torch.Tensor] | None = None) -> dict[str, Any]:
+    """Convert `module(example)` (batch 1) to a LiteRT flatbuffer at `path`, int8 through ai-edge-quantizer."""
+    with quiet_native():  # its import prints notices of its own
+        import litert_torch
+
+    _quiet()
+    path = Path(path)
+    try:
+        with warnings.catch_warnings(), torch.no_grad(), quiet_native():
+            warnings.simplefilter("ignore")
+            content = litert_torch.convert(module.eval(), (example,)).model_content()
+    except Exception as e:  # the converter raises many types; all mean "this tower does not convert"
+        raise ExportError(f"cannot convert {path.name} to LiteRT: {first_line(e)}") from e
+    if method is not None:
+        with quiet_native():
+            content = _ai_edge_int8(content, method, calibration or [example])
+    path.write_bytes(content)
+    with quiet_native():
+        return litert_delegation(path)
+
+
+def _ai_edge_int8(content: bytes, method: str, calibration: list[torch.Tensor]) -> bytes:
+    from ai_edge_quantizer import quantizer, recipe
+
+    try:
+        if method == "dynamic":
+            q = quantizer.Quantizer(content, recipe.dynamic_wi8_afp32())
+            return bytes(q.quantize().quantized_model)
+        q = quantizer.Quantizer(content, recipe.static_wi8_ai8())
+        key, name = _signature_input(content)
+        ranges = q.calibrate({key: [{name: x.numpy()} for x in calibration]}, num_threads=os.cpu_count() or 1)
+        return bytes(q.quantize(ranges).quantized_model)
+    except Exception as e:
+        raise ExportError(f"ai-edge-quantizer could not make {method} int8: {first_line(e)}") from e
+
+
+def _signature_input(content: bytes) -> tuple[str, str]:
+    """The flatbuffer's signature key and its one input's name (litert-torch writes serving_default / args_0)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    signatures = Interpreter(model_content=content).get_signature_list()
+    key = next(iter(signatures))
+    return key, signatures[key]["inputs"][0]
+
+
+def litert_delegation(path: Path) -> dict[str, Any]:
+    """What XNNPACK takes of a `.tflite`: with delegate-node fusion off every delegated op becomes a DELEGATE node
+    of its own producing that op's outputs, so the ops outside are those whose outputs no DELEGATE node makes."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(path), num_threads=1, experimental_disable_delegate_node_fusion=True)
+    interpreter.allocate_tensors()
+    ops = interpreter._get_ops_details()  # the original ops, then the DELEGATE nodes that replaced some of them
+    delegated_outputs = {int(t) for op in ops if op["op_name"] == "DELEGATE" for t in op["outputs"]}
+    originals = [op for op in ops if op["op_name"] != "DELEGATE"]
+    outside = Counter(op["op_name"] for op in originals
+                      if not any(int(t) in delegated_outputs for t in op["outputs"] if int(t) >= 0))
+    return {"delegate": "xnnpack", "delegated_nodes": len(originals) - sum(outside.values()),
+            "nodes_outside_delegate": sum(outside.values()), "ops_outside_delegate": dict(sorted(outside.items()))}
