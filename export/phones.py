@@ -21,14 +21,13 @@ ai-edge-quantizer works on the converted flatbuffer; PT2E's dynamic int8 quantiz
 with a nonzero zero point, which LiteRT's interpreter refuses.
 """
 
+import copy
 import logging
 import os
 import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any
-
-import copy
 
 import torch
 import torch.nn.functional as F
