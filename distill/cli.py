@@ -475,6 +475,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     # Libraries log download failures and the like through the root logger; the command reports them itself.
     logging.basicConfig(level=os.environ.get("MOBILEDISTILL_LOG_LEVEL", "CRITICAL").upper())
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)  # torchao's import-time deprecation notices
     warnings.formatwarning = _one_line_warning
     for noisy in ("torch", "timm", "webdataset", "transformers", "huggingface_hub", "accelerate"):
         warnings.filterwarnings("ignore", module=noisy)

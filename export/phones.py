@@ -95,18 +95,9 @@ class _BatchedSelfAttention(ExportableSelfAttention):
     """ExportableSelfAttention with (B * heads, L, d) matrix products and Q, K, V sliced apart: ExecuTorch lowers
     4-D products and splits through copies outside XNNPACK."""
 
-    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
-                average_attn_weights=True, is_causal=False):
-        plain = (key is query and value is query and self.batch_first and self._qkv_same_embed_dim
-                 and key_padding_mask is None and not need_weights and not is_causal and self.bias_k is None
-                 and not self.add_zero_attn and (self.dropout == 0.0 or not self.training))
-        if not plain:
-            return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
-                                   attn_mask=attn_mask, average_attn_weights=average_attn_weights,
-                                   is_causal=is_causal)
-        batch, length, width = query.shape
+    def attend(self, qkv: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        batch, length, width = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
         heads, head_dim = self.num_heads, width // self.num_heads
-        qkv = F.linear(query, self.in_proj_weight, self.in_proj_bias)  # (B, L, 3 * E)
         q, k, v = qkv[..., :width], qkv[..., width:2 * width], qkv[..., 2 * width:]  # (B, L, E) each
 
         def heads_first(t: torch.Tensor) -> torch.Tensor:  # (B, L, E) -> (B * H, L, E / H)
@@ -118,8 +109,7 @@ class _BatchedSelfAttention(ExportableSelfAttention):
                 attn_mask = torch.zeros_like(attn_mask, dtype=q.dtype).masked_fill(attn_mask, float("-inf"))
             scores = scores + attn_mask  # (L, L) or (B * H, L, L)
         out = torch.bmm(scores.softmax(dim=-1), heads_first(v))  # (B * H, L, E / H)
-        out = out.reshape(batch, heads, length, head_dim).transpose(1, 2).reshape(batch, length, width)
-        return self.out_proj(out), None
+        return out.reshape(batch, heads, length, head_dim).transpose(1, 2).reshape(batch, length, width)
 
 
 def _plain_layer_norm(module: nn.Module) -> bool:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["ImageEncoder", "TextEncoder", "ExportableSelfAttention", "PreparedModel", "prepare_for_export",
+           "unit_layer_scales",
            "IMAGE_INPUT", "TEXT_INPUT", "IMAGE_OUTPUT", "TEXT_OUTPUT"]
 
 IMAGE_INPUT, TEXT_INPUT = "image", "text"
@@ -93,9 +94,13 @@ class ExportableSelfAttention(nn.MultiheadAttention):
             return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
                                    attn_mask=attn_mask, average_attn_weights=average_attn_weights,
                                    is_causal=is_causal)
-        batch, length, width = query.shape
-        heads, head_dim = self.num_heads, width // self.num_heads
         qkv = F.linear(query, self.in_proj_weight, self.in_proj_bias)  # (B, L, 3 * E)
+        return self.out_proj(self.attend(qkv, attn_mask)), None
+
+    def attend(self, qkv: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        """(B, L, 3 * E) packed projections -> (B, L, E) attention output, before the output projection."""
+        batch, length, width = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
+        heads, head_dim = self.num_heads, width // self.num_heads
         q, k, v = qkv.chunk(3, dim=-1)  # (B, L, E) each: one Split node
         q = q.reshape(batch, length, heads, head_dim).transpose(1, 2) * head_dim ** -0.5  # (B, H, L, E / H)
         k = k.reshape(batch, length, heads, head_dim).permute(0, 2, 3, 1)  # (B, H, E / H, L)
@@ -110,8 +115,7 @@ class ExportableSelfAttention(nn.MultiheadAttention):
         # Written out rather than F.scaled_dot_product_attention, whose exported decomposition rebuilds K's
         # transpose from dynamic shapes (Shape, Slice, Concat, Reshape) in every layer.
         out = scores.softmax(dim=-1) @ v  # (B, H, L, E / H)
-        out = out.transpose(1, 2).reshape(batch, length, width)  # (B, L, E)
-        return self.out_proj(out), None
+        return out.transpose(1, 2).reshape(batch, length, width)  # (B, L, E)
 
 
 @dataclass
@@ -137,3 +141,17 @@ def prepare_for_export(model: nn.Module) -> PreparedModel:
     for p in model.parameters():
         p.requires_grad_(False)
     return PreparedModel(model, folded, rewritten)
+
+
+def unit_layer_scales(model: nn.Module) -> int:
+    """Set every layer scale (timm's LayerScale / LayerScale2d and FastViT's own, a `gamma` parameter) to 1, in
+    place; returns how many. For random-weight benchmarks only: timm starts them at 1e-5, which makes a random
+    FastViT tower embed every image alike, so that no parity check on it could fail."""
+    count = 0
+    with torch.no_grad():
+        for module in model.modules():
+            gamma = getattr(module, "gamma", None)
+            if "LayerScale" in type(module).__name__ and isinstance(gamma, nn.Parameter):
+                gamma.fill_(1.0)
+                count += 1
+    return count
