@@ -369,12 +369,24 @@ def _quantize_tower(tower: _Tower, directory: Path, calibration: torch.Tensor, b
         metrics = _onnx_metrics(onnx_session(path), tower, run_onnx)
         return metrics["min_cosine"] if np.isfinite(metrics["min_cosine"]) else float("-inf")
 
-    outcome = quantize_within_bound(fp32_path, int8_path, method, min_cosine_of, bound.min_cosine, batches,
-                                    tower.input_name, progress)
+    fallback_from = None
+    try:
+        outcome = quantize_within_bound(fp32_path, int8_path, method, min_cosine_of, bound.min_cosine, batches,
+                                        tower.input_name, progress)
+    except ExportError as e:
+        if method != "static_qdq":
+            raise
+        # Static QDQ also quantizes the activations between the kept-float products (adds, activations), so a
+        # convolutional tower it cannot hold within the bound gets dynamic int8 of its matrix products instead
+        # (its convolutions float: onnxruntime's dynamic ConvInteger is both slow and coarse).
+        fallback_from = {"method": method, "reason": str(e)}
+        method = "dynamic"
+        outcome = quantize_within_bound(fp32_path, int8_path, method, min_cosine_of, bound.min_cosine, batches,
+                                        tower.input_name, progress, op_types=["MatMul", "Gemm", "Attention"])
     session = onnx_session(int8_path)
     metrics = _onnx_metrics(session, tower, run_onnx)
     check_parity(tower.int8_name, metrics, bound)
-    return _file_entry(int8_path, tower, "int8", metrics, session, method=method,
+    return _file_entry(int8_path, tower, "int8", metrics, session, method=method, fallback_from=fallback_from,
                        calibration_samples=len(calibration) if method == "static_qdq" or outcome["smoothing_alpha"]
                        else 0, per_channel=outcome["per_channel"], float32_nodes=outcome["excluded_nodes"],
                        smoothing_alpha=outcome["smoothing_alpha"], smoothed_activations=outcome["smoothed_activations"],
@@ -408,14 +420,15 @@ def _phone_module(tower: _Tower, fmt: str) -> torch.nn.Module:
 def _phone_int8_file(tower: _Tower, fmt: str, directory: Path, calibration: torch.Tensor, bound: ParityBound
                      ) -> dict[str, Any]:
     """The int8 file of a tower: static int8 first where the ONNX path found a convolutional tower (what XNNPACK's
-    int8 convolutions pay off on), dynamic int8 after it or alone; the first method that meets the bound stays."""
+    int8 convolutions pay off on), then dynamic int8, then dynamic int8 of the matrix products alone; the first
+    method that meets the bound stays."""
     from export.phones import to_executorch, to_litert
     from export.quantize import quantization_method
 
     path = directory / tower.file_name(fmt, "int8")
     convert = to_executorch if fmt == "executorch" else to_litert
-    methods = ["static", "dynamic"] if quantization_method(directory / tower.onnx_name, tower.name) == "static_qdq" \
-        else ["dynamic"]
+    convolutional = quantization_method(directory / tower.onnx_name, tower.name) == "static_qdq"
+    methods = ["static", "dynamic", "dynamic_matmul"] if convolutional else ["dynamic", "dynamic_matmul"]
     batches = [x[None] for x in calibration]  # (1, ...) each
     tried = []
     for method in methods:

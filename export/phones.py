@@ -3,8 +3,10 @@
     to_executorch(module, example, path, method, calibration)  torch.export -> [PT2E int8] -> XNNPACK partition
     to_litert(module, example, path, method, calibration)      litert-torch -> [ai-edge-quantizer int8]
 
-`method` is None (float32), "dynamic" (int8 weights per channel, activations quantized at run time) or "static"
-(int8 activations too, ranges from the calibration inputs). Each returns what ran outside the XNNPACK delegate:
+`method` is None (float32), "dynamic" (int8 weights per channel, activations quantized at run time), "static"
+(int8 activations too, ranges from the calibration inputs) or "dynamic_matmul" (dynamic, matrix products only:
+convolutions stay float, the fallback for convolutional towers whose activations neither static nor dynamic
+int8 of every convolution keeps within the bound). Each returns what ran outside the XNNPACK delegate:
 `{"delegated_nodes", "nodes_outside_delegate", "ops_outside_delegate": {op: count}, ...}`.
 
 `for_xnnpack(encoder, fmt)` rewrites a tower (on a copy, same values) so that more of it runs inside XNNPACK. What
@@ -14,6 +16,8 @@ each runtime's XNNPACK leaves outside, found on md-student-tiny's towers:
   fully connected layer against a constant averaging row, the L2 norm sums its squares the same way, and attention
   multiplies (B * heads, L, d) batches and slices Q, K, V apart instead of splitting them. Image tower: 36 nodes
   outside to 2, 0.84 to 0.66 ms at one thread; text tower: 31 to 5 (the token lookup, the end-of-text argmax).
+  timm's attention (MobileCLIP's FastViT stages) is switched from `scaled_dot_product_attention`, whose exported
+  form guards all-masked rows with `any` / `eq` / `where` outside XNNPACK, to its written-out softmax.
 - LiteRT delegates all of that but the `POW` of `F.normalize`: the L2 norm multiplies instead (1 node to 0).
 
 Why these quantizers: ExecuTorch's own XNNPACKQuantizer is the one its XNNPACK partitioner matches. For LiteRT,
@@ -40,7 +44,7 @@ from mdcore.errors import first_line
 
 __all__ = ["to_executorch", "to_litert", "for_xnnpack", "QUANTIZATION_METHODS"]
 
-QUANTIZATION_METHODS = ("dynamic", "static")
+QUANTIZATION_METHODS = ("dynamic", "static", "dynamic_matmul")
 
 
 class _SumOfSquares(nn.Module):
@@ -126,6 +130,8 @@ def for_xnnpack(encoder: nn.Module, fmt: str, dim: int) -> nn.Module:
     encoder = copy.deepcopy(encoder).eval()
     if fmt == "executorch":
         for module in encoder.modules():
+            if getattr(module, "fused_attn", None) is True:  # timm: the written-out softmax attention, not SDPA,
+                module.fused_attn = False  # whose export adds an all-masked-row guard (any, eq, where) per layer
             if type(module) is ExportableSelfAttention:
                 module.__class__ = _BatchedSelfAttention
             elif _plain_layer_norm(module):
@@ -177,9 +183,11 @@ def _pt2e_int8(graph_module, method: str, calibration: list[torch.Tensor]):
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     quantizer = XNNPACKQuantizer().set_global(
-        get_symmetric_quantization_config(is_per_channel=True, is_dynamic=method == "dynamic"))
+        get_symmetric_quantization_config(is_per_channel=True, is_dynamic=method != "static"))
     for statistic in (_SumOfSquares, _LastAxisMean):  # norms' statistics stay float
         quantizer.set_module_type(statistic, None)
+    if method == "dynamic_matmul":
+        quantizer.set_module_type(nn.Conv2d, None)
     prepared = prepare_pt2e(graph_module, quantizer)
     for x in calibration if method == "static" else calibration[:1]:
         prepared(x)
@@ -209,12 +217,15 @@ def to_litert(module: torch.nn.Module, example: torch.Tensor, path: str | Path, 
 
 
 def _ai_edge_int8(content: bytes, method: str, calibration: list[torch.Tensor]) -> bytes:
-    from ai_edge_quantizer import quantizer, recipe
+    from ai_edge_quantizer import qtyping, quantizer, recipe
 
     try:
         if method == "dynamic":
             q = quantizer.Quantizer(content, recipe.dynamic_wi8_afp32())
             return bytes(q.quantize().quantized_model)
+        if method == "dynamic_matmul":
+            fully_connected = recipe.dynamic_wi8c_afp32(operation_name=qtyping.TFLOperationName.FULLY_CONNECTED)
+            return bytes(quantizer.Quantizer(content, fully_connected).quantize().quantized_model)
         q = quantizer.Quantizer(content, recipe.static_wi8_ai8())
         key, name = _signature_input(content)
         ranges = q.calibrate({key: [{name: x.numpy()} for x in calibration]}, num_threads=os.cpu_count() or 1)

@@ -46,12 +46,13 @@ def quantization_method(onnx_path: str | Path, tower: str) -> str:
 def quantize_onnx(fp32_path: str | Path, int8_path: str | Path, method: str,
                   calibration: Iterable[np.ndarray] | None = None, input_name: str = "image", per_channel: bool = False,
                   nodes_to_quantize: list[str] | None = None, nodes_to_exclude: list[str] | None = None,
-                  cache_dir: str | Path | None = None) -> Path:
+                  cache_dir: str | Path | None = None, op_types: list[str] | None = None) -> Path:
     """Write the int8 version of `fp32_path`; `calibration` yields (1, ...) input arrays for static QDQ (which is
     always per channel, and always keeps `float_in_static` nodes float; dynamic quantization does not read it).
     `nodes_to_quantize` / `nodes_to_exclude` restrict which nodes become int8. With `cache_dir`, static QDQ keeps
     the pre-processed graph and the calibrated activation ranges there, so that later calls on the same file with
-    other node selections (the sensitivity search) neither pre-process nor calibrate again."""
+    other node selections (the sensitivity search) neither pre-process nor calibrate again. `op_types` limits
+    dynamic quantization to those operator types (default: onnxruntime's, convolutions included)."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         QuantFormat,
@@ -66,7 +67,7 @@ def quantize_onnx(fp32_path: str | Path, int8_path: str | Path, method: str,
     try:
         if method == "dynamic":
             quantize_dynamic(str(fp32_path), str(int8_path), weight_type=QuantType.QInt8, per_channel=per_channel,
-                             **selection)
+                             op_types_to_quantize=op_types, **selection)
         elif method == "static_qdq":
             if calibration is None:
                 raise ValueError("static quantization needs calibration inputs")
@@ -172,7 +173,7 @@ def _grouped(graph) -> list:
 def quantize_within_bound(fp32_path: str | Path, int8_path: str | Path, method: str,
                           min_cosine_of: Callable[[Path], float], min_cosine: float,
                           calibration: Iterable[np.ndarray] | None = None, input_name: str = "image",
-                          progress: bool = False) -> dict[str, Any]:
+                          progress: bool = False, op_types: list[str] | None = None) -> dict[str, Any]:
     """int8 with as many nodes quantized as the cosine bound allows.
 
     Dynamic quantization starts from a copy whose self-attention layers are fused into onnxruntime's `Attention`
@@ -184,13 +185,14 @@ def quantize_within_bound(fp32_path: str | Path, int8_path: str | Path, method: 
     quantized alone to measure its sensitivity, and the most sensitive ones are kept in float32, 1, 2, 4, ... of
     them, until the bound holds: mixed precision instead of no int8 at all. Returns how it ended: `per_channel`,
     `excluded_nodes`, `min_cosine`, `smoothing_alpha` (None when not smoothed), `smoothed_activations`,
-    `fused_attention`; raises `ExportError` when even that cannot meet the bound.
+    `fused_attention`; raises `ExportError` when even that cannot meet the bound. `op_types` limits dynamic
+    quantization to those operator types.
     """
     fp32_path, int8_path = Path(fp32_path), Path(int8_path)
     calibration = list(calibration) if calibration is not None else None
     with tempfile.TemporaryDirectory(dir=int8_path.parent) as work:
         work = Path(work)
-        common = {"calibration": calibration, "input_name": input_name, "cache_dir": work}
+        common = {"calibration": calibration, "input_name": input_name, "cache_dir": work, "op_types": op_types}
         fused = _fused_copy(fp32_path, work / "fused.onnx", min_cosine_of) if method == "dynamic" else 0
         if fused:
             try:

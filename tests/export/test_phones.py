@@ -174,3 +174,22 @@ def test_a_runtime_missing_for_the_platform_is_one_line(tiny_model_dirs, tmp_pat
                  "--format", "executorch"]) == 0
     assert (tmp_path / "pte" / "image_encoder.pte").is_file()
     assert "jax" not in sys.modules  # nothing here imported LiteRT's converter (see export_in_child)
+
+
+def test_convolutional_int8_tries_static_first_and_keeps_the_first_method_within_the_bound(fastvit_model_dir,
+                                                                                          tmp_path):
+    """MobileCLIP's FastViT tower with its layer scales at 1 (outputs that differ, so parity can fail): the int8
+    files take static int8 where it holds 0.99, and otherwise the next method, saying what each attempt gave."""
+    from export.towers import unit_layer_scales
+    from teachers import save_model_dir
+
+    loaded = load_model(str(fastvit_model_dir), warn_random=False)
+    assert unit_layer_scales(loaded.model) > 0
+    varied = save_model_dir(loaded.model, loaded.model_cfg, tmp_path / "varied", tokenizer=loaded.tokenizer)
+    report = export_model(str(varied), tmp_path / "out", ExportConfig(
+        formats=("executorch",), towers=("image",), quantize="int8", num_parity_samples=4,
+        num_calibration_samples=4, progress=False))
+    assert report["parity_inputs"]["eager_outputs_vary"]["image"]["varies"]
+    pte = report["files"]["image_encoder.int8.pte"]
+    assert pte["tried"][0]["method"] == "static" and pte["tried"][-1]["method"] == pte["method"]
+    assert all(t.get("min_cosine", -1) < 0.99 for t in pte["tried"][:-1]) and pte["min_cosine"] >= 0.99
