@@ -132,6 +132,9 @@ def for_xnnpack(encoder: nn.Module, fmt: str, dim: int) -> nn.Module:
         for module in encoder.modules():
             if getattr(module, "fused_attn", None) is True:  # timm: the written-out softmax attention, not SDPA,
                 module.fused_attn = False  # whose export adds an all-masked-row guard (any, eq, where) per layer
+            config = getattr(module, "config", None)  # Hugging Face towers: the same, by their config
+            if getattr(config, "_attn_implementation", None) == "sdpa":
+                config._attn_implementation = "eager"
             if type(module) is ExportableSelfAttention:
                 module.__class__ = _BatchedSelfAttention
             elif _plain_layer_norm(module):
@@ -182,6 +185,7 @@ def _pt2e_int8(graph_module, method: str, calibration: list[torch.Tensor]):
     )
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
+    _integer_scalar_arithmetic_as_scalar_ops(graph_module)
     quantizer = XNNPACKQuantizer().set_global(
         get_symmetric_quantization_config(is_per_channel=True, is_dynamic=method != "static"))
     for statistic in (_SumOfSquares, _LastAxisMean):  # norms' statistics stay float
@@ -192,6 +196,25 @@ def _pt2e_int8(graph_module, method: str, calibration: list[torch.Tensor]):
     for x in calibration if method == "static" else calibration[:1]:
         prepared(x)
     return convert_pt2e(prepared)
+
+
+def _integer_scalar_arithmetic_as_scalar_ops(graph_module) -> None:
+    """`int tensor + 3` as `aten.add.Scalar`, in place: prepare_pt2e turns the scalar operand of `add.Tensor` and
+    `mul.Tensor` into a float32 tensor constant, which makes index arithmetic (Hugging Face's attention-mask
+    positions) float and the calibration run fail."""
+    aten = torch.ops.aten
+    scalar_forms = {aten.add.Tensor: aten.add.Scalar, aten.sub.Tensor: aten.sub.Scalar, aten.mul.Tensor: aten.mul.Scalar}
+    changed = False
+    for node in graph_module.graph.nodes:
+        if node.op != "call_function" or node.target not in scalar_forms or len(node.args) < 2:
+            continue
+        value = getattr(node.args[0], "meta", {}).get("val")
+        if isinstance(node.args[1], int | bool) and value is not None and not value.dtype.is_floating_point \
+                and not node.kwargs:
+            node.target = scalar_forms[node.target]
+            changed = True
+    if changed:
+        graph_module.recompile()
 
 
 def to_litert(module: torch.nn.Module, example: torch.Tensor, path: str | Path, method: str | None = None,

@@ -193,3 +193,14 @@ def test_convolutional_int8_tries_static_first_and_keeps_the_first_method_within
     pte = report["files"]["image_encoder.int8.pte"]
     assert pte["tried"][0]["method"] == "static" and pte["tried"][-1]["method"] == pte["method"]
     assert all(t.get("min_cosine", -1) < 0.99 for t in pte["tried"][:-1]) and pte["min_cosine"] >= 0.99
+
+
+def test_a_hugging_face_text_tower_lowers_to_int8_executorch(tmp_path):
+    """md-student-minilm's BERT text tower: PT2E used to turn the integer scalars of its attention-mask arithmetic
+    into float constants, and calibration failed; its SDPA guards are replaced by the written-out attention."""
+    report = export_model("md-student-minilm", tmp_path / "out", ExportConfig(
+        formats=("executorch",), towers=("text",), quantize="int8", num_parity_samples=4, progress=False))
+    for name in ("text_encoder.pte", "text_encoder.int8.pte"):
+        entry = report["files"][name]
+        assert entry["min_cosine"] >= (0.99 if ".int8." in name else 0.9999)
+        assert "aten_any_dim" not in entry["ops_outside_delegate"]  # no SDPA all-masked-row guard left
