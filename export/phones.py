@@ -203,7 +203,8 @@ def _integer_scalar_arithmetic_as_scalar_ops(graph_module) -> None:
     `mul.Tensor` into a float32 tensor constant, which makes index arithmetic (Hugging Face's attention-mask
     positions) float and the calibration run fail."""
     aten = torch.ops.aten
-    scalar_forms = {aten.add.Tensor: aten.add.Scalar, aten.sub.Tensor: aten.sub.Scalar, aten.mul.Tensor: aten.mul.Scalar}
+    scalar_forms = {aten.add.Tensor: aten.add.Scalar, aten.sub.Tensor: aten.sub.Scalar,
+                    aten.mul.Tensor: aten.mul.Scalar}
     changed = False
     for node in graph_module.graph.nodes:
         if node.op != "call_function" or node.target not in scalar_forms or len(node.args) < 2:
