@@ -52,7 +52,8 @@ def quantize_onnx(fp32_path: str | Path, int8_path: str | Path, method: str,
     `nodes_to_quantize` / `nodes_to_exclude` restrict which nodes become int8. With `cache_dir`, static QDQ keeps
     the pre-processed graph and the calibrated activation ranges there, so that later calls on the same file with
     other node selections (the sensitivity search) neither pre-process nor calibrate again. `op_types` limits
-    dynamic quantization to those operator types (default: onnxruntime's, convolutions included)."""
+    dynamic quantization to those operator types, and to nodes with a constant weight (default: onnxruntime's
+    choice, convolutions and attention's activation-by-activation products included)."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         QuantFormat,
@@ -66,6 +67,8 @@ def quantize_onnx(fp32_path: str | Path, int8_path: str | Path, method: str,
     selection = {"nodes_to_quantize": nodes_to_quantize, "nodes_to_exclude": nodes_to_exclude}
     try:
         if method == "dynamic":
+            if op_types is not None and nodes_to_quantize is None:  # products with a constant weight only, not the
+                selection["nodes_to_quantize"] = weight_nodes(fp32_path, method)  # attention's activation products
             quantize_dynamic(str(fp32_path), str(int8_path), weight_type=QuantType.QInt8, per_channel=per_channel,
                              op_types_to_quantize=op_types, **selection)
         elif method == "static_qdq":
