@@ -27,7 +27,7 @@ PHONE_FILES = [f"{tower}_encoder{precision}{suffix}" for suffix in (".pte", ".tf
 def export_in_child(spec, out, **config) -> subprocess.CompletedProcess:
     """`export_model` in a process of its own: LiteRT's converter imports JAX, whose threads make every later
     fork of this test process (DataLoader workers) unsafe."""
-    code = ("import json, sys; from export import ExportConfig, export_model; "
+    code = ("import json, sys; from export import ExportConfig, ExportError, export_model; "
             "export_model(sys.argv[1], sys.argv[2], ExportConfig(**json.loads(sys.argv[3]), progress=False))")
     return subprocess.run([sys.executable, "-c", code, str(spec), str(out), json.dumps(config)], capture_output=True,
                           text=True)
@@ -109,11 +109,6 @@ def test_a_file_far_below_eager_zero_shot_fails_the_export(phone_export, tiny_mo
     assert "image_encoder.pte + text_encoder.pte: zero-shot top-1" in child.stderr
     assert "points, below the +1 allowed" in child.stderr
     assert not out.exists() and not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
-    with pytest.raises(ExportError, match="zero-shot top-1 .* below the"):  # the same in this process
-        export_model(str(tiny_model_dirs["teacher_b"]), out, ExportConfig(
-            formats=("executorch",), towers=("image", "text"), data=str(root), num_parity_samples=2,
-            zeroshot_max_drop=-1.0, progress=False))
-    assert not out.exists()
 
 
 def test_pixel_input_normalizes_inside_every_format(tiny_model_dirs, tmp_path):
@@ -176,23 +171,27 @@ def test_a_runtime_missing_for_the_platform_is_one_line(tiny_model_dirs, tmp_pat
     assert "jax" not in sys.modules  # nothing here imported LiteRT's converter (see export_in_child)
 
 
-def test_convolutional_int8_tries_static_first_and_keeps_the_first_method_within_the_bound(fastvit_model_dir,
-                                                                                          tmp_path):
-    """MobileCLIP's FastViT tower with its layer scales at 1 (outputs that differ, so parity can fail): the int8
-    files take static int8 where it holds 0.99, and otherwise the next method, saying what each attempt gave."""
-    from export.towers import unit_layer_scales
-    from teachers import save_model_dir
+def test_int8_tries_static_first_for_convolutional_towers_and_then_each_fallback(tiny_model_dirs, tmp_path,
+                                                                                 monkeypatch):
+    """The method order of a convolutional tower (static, dynamic, dynamic of the matrix products), on the student's
+    image tower taken for one (a FastViT runs the same code at several times the cost): the first method within
+    the bound is kept, and when none is, the error names every attempt."""
+    import export.quantize
 
-    loaded = load_model(str(fastvit_model_dir), warn_random=False)
-    assert unit_layer_scales(loaded.model) > 0
-    varied = save_model_dir(loaded.model, loaded.model_cfg, tmp_path / "varied", tokenizer=loaded.tokenizer)
-    report = export_model(str(varied), tmp_path / "out", ExportConfig(
-        formats=("executorch",), towers=("image",), quantize="int8", num_parity_samples=4,
-        num_calibration_samples=4, progress=False))
-    assert report["parity_inputs"]["eager_outputs_vary"]["image"]["varies"]
+    monkeypatch.setattr(export.quantize, "quantization_method",
+                        lambda path, tower: "static_qdq" if tower == "image" else "dynamic")
+    spec = str(tiny_model_dirs["teacher_b"])
+    report = export_model(spec, tmp_path / "out", ExportConfig(
+        formats=("executorch",), towers=("image",), quantize="int8", num_parity_samples=3,
+        num_calibration_samples=3, progress=False))
     pte = report["files"]["image_encoder.int8.pte"]
     assert pte["tried"][0]["method"] == "static" and pte["tried"][-1]["method"] == pte["method"]
     assert all(t.get("min_cosine", -1) < 0.99 for t in pte["tried"][:-1]) and pte["min_cosine"] >= 0.99
+    with pytest.raises(ExportError, match=r"every int8 method \(static .*, dynamic .*, dynamic_matmul .*;"):
+        export_model(spec, tmp_path / "strict", ExportConfig(
+            formats=("executorch",), towers=("image",), quantize="int8", num_parity_samples=3,
+            num_calibration_samples=3, int8_min_cosine=0.9999999, progress=False))
+    assert not (tmp_path / "strict").exists()
 
 
 def test_a_hugging_face_text_tower_lowers_to_int8_executorch(tmp_path):
