@@ -457,8 +457,9 @@ def _phone_entry(path: Path, tower: _Tower, precision: str, metrics: dict[str, f
     if entry["format"] == "litert":  # what the flatbuffer itself declares
         interpreter = open_runner(path, threads=1).interpreter
         for key, rows in (("inputs", interpreter.get_input_details()), ("outputs", interpreter.get_output_details())):
-            entry[key] = [{"name": r["name"], "shape": [int(v) for v in r["shape"]], "dtype": np.dtype(r["dtype"]).name}
-                          for r in rows]
+            entry[key] = [{"name": r["name"], "shape": [int(v) for v in r["shape"]], "dtype": np.dtype(r["dtype"]).name,
+                           **({"scale": float(r["quantization"][0]), "zero_point": int(r["quantization"][1])}
+                              if r["quantization"][0] else {})} for r in rows]
     else:
         entry["inputs"] = [{"name": tower.input_name, "shape": [1, *tower.inputs.shape[1:]],
                             "dtype": str(tower.inputs.dtype).removeprefix("torch.")}]

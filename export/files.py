@@ -137,6 +137,13 @@ def export_readme(report: dict[str, Any], preprocess: dict[str, Any], tokenizer:
             lines.append(f"- `{name}`{method}: {entry['delegated_nodes']} nodes in XNNPACK, "
                          f"{entry['nodes_outside_delegate']} outside: {ops}")
         lines.append("")
+    for name, entry in files.items():
+        quantized = [(io, d) for io in ("inputs", "outputs") for d in entry.get(io, []) if "scale" in d]
+        if quantized:
+            lines += [f"`{name}` (static int8) takes and gives int8 tensors: quantize its input as "
+                      "`q = round(x / scale) + zero_point` and read its output as `(q - zero_point) * scale`, with "
+                      + ", ".join(f"{io[:-1]} scale {d['scale']:.6g}, zero point {d['zero_point']}"
+                                  for io, d in quantized) + ".", ""]
     zeroshot = report.get("zeroshot")
     if zeroshot and zeroshot.get("pairs"):
         lines += [f"Zero-shot top-1 on `{zeroshot['split']}` ({zeroshot['num_samples']} images, "

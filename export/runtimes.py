@@ -140,9 +140,26 @@ class _LiteRTRunner(Runner):
         self.output = self.interpreter.get_output_details()[0]
 
     def run(self, x):
-        self.interpreter.set_tensor(self.input["index"], np.ascontiguousarray(x, dtype=self.input["dtype"]))
+        self.interpreter.set_tensor(self.input["index"], _quantized(x, self.input))
         self.interpreter.invoke()
-        return self.interpreter.get_tensor(self.output["index"]).copy()
+        return _dequantized(self.interpreter.get_tensor(self.output["index"]), self.output)
+
+
+def _quantized(x: np.ndarray, detail: dict) -> np.ndarray:
+    """`x` as the tensor takes it: as is, or, for a quantized input (static int8 files take int8 in and give int8
+    out), `round(x / scale) + zero_point`, what an app does with the scale and zero point the report gives."""
+    scale, zero_point = detail.get("quantization", (0.0, 0))
+    if scale and np.issubdtype(detail["dtype"], np.integer) and not np.issubdtype(x.dtype, np.integer):
+        info = np.iinfo(detail["dtype"])
+        x = np.clip(np.round(x / scale) + zero_point, info.min, info.max)
+    return np.ascontiguousarray(x, dtype=detail["dtype"])
+
+
+def _dequantized(y: np.ndarray, detail: dict) -> np.ndarray:
+    scale, zero_point = detail.get("quantization", (0.0, 0))
+    if scale and np.issubdtype(detail["dtype"], np.integer):
+        return (y.astype(np.float32) - zero_point) * scale
+    return y.copy()
 
 
 def open_runner(path: str | Path, threads: int | None = None) -> Runner:

@@ -203,3 +203,18 @@ def test_a_hugging_face_text_tower_lowers_to_int8_executorch(tmp_path):
         entry = report["files"][name]
         assert entry["min_cosine"] >= (0.99 if ".int8." in name else 0.9999)
         assert "aten_any_dim" not in entry["ops_outside_delegate"]  # no SDPA all-masked-row guard left
+
+
+def test_quantized_litert_inputs_and_outputs_are_scaled_as_the_report_says():
+    """Static int8 `.tflite` files take int8 in and give int8 out; the runner (and an app) scale by the tensor's
+    own scale and zero point, while float tensors and uint8 pixels pass as they are."""
+    from export.runtimes import _dequantized, _quantized
+
+    detail = {"dtype": np.int8, "quantization": (0.5, -3)}
+    q = _quantized(np.array([[-1.0, 0.0, 1.26, 100.0]], dtype=np.float32), detail)
+    assert q.dtype == np.int8 and q.tolist() == [[-5, -3, 0, 127]]  # rounded, offset, clipped to int8
+    np.testing.assert_allclose(_dequantized(q, detail), [[-1.0, 0.0, 1.5, 65.0]])
+    pixels = np.array([[0, 255]], dtype=np.uint8)
+    assert _quantized(pixels, {"dtype": np.uint8, "quantization": (0.0, 0)}).tolist() == [[0, 255]]
+    floats = np.array([[0.25]], dtype=np.float32)
+    assert _quantized(floats, {"dtype": np.float32, "quantization": (0.0, 0)}).tolist() == [[0.25]]
