@@ -38,7 +38,7 @@ def param_counts(model_dir_or_arch: str) -> dict[str, int]:
     """Parameters on both bases of `distill.prune.counted_parameters`: {"all": ..., "layers": ...}."""
     import open_clip
 
-    import teachers  # noqa: F401  (shipped architectures, variable-width towers)
+    import mdmodels  # noqa: F401  (shipped architectures, variable-width towers)
     from distill.prune import COUNT_BASES, counted_parameters
 
     if Path(model_dir_or_arch).is_dir():

@@ -19,8 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 
+from mdmodels.specs import load_model  # noqa: E402
 from teachers.captioner import Captioner  # noqa: E402
-from teachers.specs import load_model  # noqa: E402
 
 SEQ_LEN, MIN_SEQ_LEN = 24, 23
 

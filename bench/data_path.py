@@ -38,12 +38,12 @@ from PIL import Image, ImageDraw, ImageFilter  # noqa: E402
 REPO = Path(__file__).parents[1]
 sys.path.insert(0, str(REPO))
 
+from mdmodels import load_model, save_model_dir  # noqa: E402
 from reinforced_data.augment import AugmentationConfig  # noqa: E402
 from reinforced_data.examples import DistillExamples, ReinforcedSource  # noqa: E402
 from reinforced_data.pipeline import ExampleStream, make_loader  # noqa: E402
 from reinforced_data.reader import read_info  # noqa: E402
-from reinforced_data.writer import ReinforceConfig, reinforce  # noqa: E402
-from teachers import load_model, save_model_dir  # noqa: E402
+from teachers.reinforce import ReinforceConfig, reinforce  # noqa: E402
 
 WORDS = ("red", "blue", "green", "orange", "circle", "square", "triangle", "over", "a", "sky", "field", "city")
 
@@ -109,7 +109,7 @@ def loader_rate(dataset: Path, workers: int, batch: int, batches: int) -> float:
 def reinforce_input_rate(photos: Path, workers: int, num_augs: int) -> float:
     """Images/s of reinforce's input pipeline alone (decode, draw and replay K views at 256 px), no teacher."""
     from reinforced_data.shards import resolve_shards
-    from reinforced_data.writer import _InputShards
+    from teachers.reinforce import _InputShards
 
     config = ReinforceConfig(num_augs=num_augs, num_captions=0, augmentation=AugmentationConfig(size=256))
     todo = list(enumerate(resolve_shards(str(photos))))
@@ -151,7 +151,7 @@ def cli(argv: list[str]) -> None:
 def peak_rss_mb(argv: list[str]) -> float:
     """Peak resident memory (MB) of `mobiledistill argv` run in its own process."""
     # VmHWM, the peak of this process's own memory (ru_maxrss would carry the parent's over fork and exec)
-    code = ("import re, sys; from distill.cli import main; code = main(sys.argv[1:]); "
+    code = ("import re, sys; from mobiledistill.cli import main; code = main(sys.argv[1:]); "
             "print('PEAK', re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)); "
             "sys.exit(code)")
     result = subprocess.run([sys.executable, "-c", code, *argv], cwd=REPO, capture_output=True, text=True)

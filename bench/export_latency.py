@@ -66,7 +66,7 @@ def varied_random_model(arch: str, target: Path) -> Path:
     import torch
 
     from export.towers import unit_layer_scales
-    from teachers import load_model, save_model_dir
+    from mdmodels import load_model, save_model_dir
 
     torch.manual_seed(0)
     loaded = load_model(arch, warn_random=False)

@@ -20,11 +20,12 @@ from pathlib import Path
 
 import torch
 
+from mdmodels import load_model, save_model_dir
 from reinforced_data.augment import AugmentationConfig
 from reinforced_data.emoji import build_emoji_dataset
-from reinforced_data.extend import extend_reinforced
-from reinforced_data.writer import ReinforceConfig, reinforce
-from teachers import load_ensemble, load_model, save_model_dir
+from teachers import load_ensemble
+from teachers.extend import extend_reinforced
+from teachers.reinforce import ReinforceConfig, reinforce
 
 
 def _save_random(arch: str, out: Path) -> str:

@@ -20,8 +20,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parents[1]))
 
 from distill.recipe import load_recipe  # noqa: E402
+from distill.teacher_training import TeacherTrainConfig, train_teacher  # noqa: E402
 from distill.train import distill  # noqa: E402
-from teachers.train import TeacherTrainConfig, train_teacher  # noqa: E402
 
 
 def seconds_per_step(rows: list[dict], warmup: int) -> float:

@@ -21,8 +21,8 @@ from tqdm import tqdm
 
 from mdcore.errors import UserInputError
 from mdcore.names import CLASSNAMES, TEMPLATES
+from mdmodels.specs import LoadedModel
 from reinforced_data.shards import SkipLog, iter_image_text, read_lines, resolve_shards
-from teachers.specs import LoadedModel
 
 __all__ = [
     "EvalData",

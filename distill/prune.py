@@ -25,7 +25,7 @@ linearly from the start value over a warm-up, training minimizes
 
 over the model and the log_alphas and maximizes it over lambda_1 and lambda_2 (gradient ascent).
 
-Masked towers are made prunable first: their blocks become `teachers.pruned.VariableWidthBlock`s (same parameter
+Masked towers are made prunable first: their blocks become `mdmodels.variable_width.VariableWidthBlock`s (same parameter
 names and math as open_clip's blocks) and their LayerNorms `MaskedLayerNorm`s, which normalize over the kept
 channels only. So the gates act as if the pruned channels were gone: every read of the residual stream goes through
 such a LayerNorm, and what is written into pruned channels is never read. At the prune step the gates become
@@ -33,7 +33,7 @@ deterministic (in each group the round(expected count) gates with the largest lo
 per group; one offset common to every log_alpha is searched so that the count meets the target even when the
 constraint has not fully converged, keeping the learned ranking) and `prune_model` slices the weights into a
 smaller model with those widths: not zeros, fewer rows and columns. Its config carries per-layer head counts and
-MLP widths (`teachers.pruned`).
+MLP widths (`mdmodels.variable_width`).
 """
 
 import copy
@@ -47,7 +47,9 @@ import torch
 from torch import nn
 
 from mdcore.errors import UserInputError
-from teachers.pruned import VariableWidthBlock
+from mdmodels.model_dir import read_provenance
+from mdmodels.specs import parse_model_spec
+from mdmodels.variable_width import VariableWidthBlock
 
 __all__ = ["BETA", "LIMIT_LEFT", "LIMIT_RIGHT", "sample_hard_concrete", "keep_probability", "MaskedLayerNorm",
            "TowerShape", "tower_shapes", "tower_parameter_count", "counted_parameters", "COUNT_BASES", "L0Masks",
@@ -388,9 +390,6 @@ def attach_masks(model: nn.Module, reference_params: int | None, start_sparsity:
 def source_pruning(spec: str | None) -> dict[str, Any]:
     """What an earlier stage recorded about its pruning (`prune` in its mobiledistill.json), else {}. Records
     written before `count` existed counted every tower parameter: they read as count "all"."""
-    from teachers.model_dir import read_provenance
-    from teachers.specs import parse_model_spec
-
     if not spec:
         return {}
     parsed = parse_model_spec(spec)

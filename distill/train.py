@@ -36,30 +36,32 @@ from distill.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from distill.evaluate import evaluate_model
 from distill.inherit import inherit_weights
 from distill.losses import affinity_mimicking_loss, clip_loss, ensemble_kd_loss, feature_distillation_loss
 from distill.prune import attach_masks, counted_parameters, prune_model, source_pruning, tower_parameter_count
 from distill.recipe import DistillConfig, validate_recipe
-from mdcore.atomic import write_text_atomic
-from mdcore.errors import UserInputError
-from mdcore.jsonio import read_jsonl_file
-from mdcore.locks import hold_directory, holds_nothing, remove_temporaries
-from mdcore.names import CHECKPOINTS
-from mdcore.processes import make_accelerator, process_state
-from reinforced_data.augment import AugmentationConfig
-from reinforced_data.examples import DistillExamples, ImageTextSource, ReinforcedSource
-from reinforced_data.pipeline import Batch, ExampleStream, StreamTracker, default_num_workers, make_loader
-from reinforced_data.reader import pair_image_shards, read_info, reinforced_records
-from reinforced_data.shards import SkipLog, iter_raw_samples, resolve_shards
-from teachers.model_dir import CONFIG_NAME, read_provenance, write_model_files
-from teachers.specs import load_model
-from teachers.train import (
+from distill.teacher_training import (
     LockedTextCache,
     cosine_with_warmup,
     is_hf_text,
     optimizer_step,
     param_groups_for_weight_decay,
 )
+from mdcore.atomic import write_text_atomic
+from mdcore.errors import UserInputError
+from mdcore.jsonio import read_jsonl_file
+from mdcore.locks import hold_directory, holds_nothing, remove_temporaries
+from mdcore.names import CHECKPOINTS
+from mdcore.processes import make_accelerator, process_state
+from mdmodels.model_dir import CONFIG_NAME, read_provenance, write_model_files
+from mdmodels.specs import load_model
+from reinforced_data.augment import AugmentationConfig
+from reinforced_data.examples import DistillExamples, ImageTextSource, ReinforcedSource
+from reinforced_data.pipeline import Batch, ExampleStream, StreamTracker, default_num_workers, make_loader
+from reinforced_data.reader import pair_image_shards, read_info, reinforced_records
+from reinforced_data.shards import SkipLog, iter_raw_samples, resolve_shards
+from teachers.teacher import load_ensemble
 
 __all__ = ["distill", "compute_losses", "StudentStep"]
 
@@ -248,8 +250,6 @@ def _distill(data: str, run_dir: Path, config: DistillConfig, images: str | None
              command: str) -> dict[str, Any]:
     from accelerate.utils import gather_object, set_seed
 
-    from distill.evaluate import evaluate_model
-
     checkpoint = _resume_point(run_dir, config.steps) if resume else None
     if config.student_from and config.inherit_from:
         raise UserInputError("give either student_from (a copy of a model) or inherit_from (a slice into --student)")
@@ -284,7 +284,6 @@ def _distill(data: str, run_dir: Path, config: DistillConfig, images: str | None
     size = size if isinstance(size, int) else size[0]
     ensemble = None
     if config.online_teachers:  # teachers in the loop (open_clip / TinyCLIP style), for comparison
-        from teachers import load_ensemble
 
         ensemble = load_ensemble(config.online_teachers, device=accelerator.device)
         dims, teacher_scales = ensemble.dims, ensemble.logit_scales

@@ -1,30 +1,14 @@
-"""Export: ONNX and CoreML encoders checked against eager PyTorch, int8 quantization, latency, reports.
+"""Export: ONNX, CoreML, ExecuTorch and LiteRT encoders checked against eager PyTorch, int8 quantization, latency.
 
-`export_model(spec, out, ExportConfig(...))` writes an export directory, `bench_export(directory)` measures it,
-`write_report(run_dirs, out)` compares runs on one HTML page. Heavy dependencies (onnxruntime, coremltools) load
-on first use.
+`export_model(spec, out, ExportConfig(...))` writes an export directory and `bench_export(directory)` measures it.
+The runtimes and converters (onnxruntime, coremltools, ExecuTorch, LiteRT) load on first use.
 """
 
-import importlib
+import mdcore  # noqa: F401  (first: it sets the OpenMP wait policy before torch loads)
+from export.bench import BenchConfig, bench_export
+from export.exporter import ExportConfig, export_loaded_model, export_model
+from export.parity import ExportError, compare_embeddings
+from export.towers import ImageEncoder, TextEncoder, prepare_for_export
 
-_LAZY = {
-    "ExportConfig": "export.exporter",
-    "export_model": "export.exporter",
-    "export_loaded_model": "export.exporter",
-    "ExportError": "export.parity",
-    "compare_embeddings": "export.parity",
-    "ImageEncoder": "export.towers",
-    "TextEncoder": "export.towers",
-    "prepare_for_export": "export.towers",
-    "BenchConfig": "export.bench",
-    "bench_export": "export.bench",
-    "write_report": "export.report",
-}
-
-__all__ = list(_LAZY)
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'export' has no attribute {name!r}")
+__all__ = ["ExportConfig", "export_model", "export_loaded_model", "ExportError", "compare_embeddings", "ImageEncoder",
+           "TextEncoder", "prepare_for_export", "BenchConfig", "bench_export"]

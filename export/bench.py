@@ -20,10 +20,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from export.exporter import REPORT_NAME
+from export.runtimes import format_of, open_runner, unavailable_reason
+from export.towers import ImageEncoder, TextEncoder, prepare_for_export
 from mdcore.configs import MAX_IMAGE_SIDE
 from mdcore.errors import UserInputError, first_line
 from mdcore.jsonio import read_json_file
 from mdcore.names import PREPROCESS, TOKENIZER
+from mdmodels.specs import load_model
 
 __all__ = ["BenchConfig", "bench_export", "bench_image_input", "bench_text_input", "time_call", "format_bench_table",
            "COREML_ELSEWHERE"]
@@ -66,9 +70,6 @@ def time_call(fn: Callable[[], Any], runs: int, warmup: int) -> dict[str, float]
 def bench_export(export_dir: str | Path, config: BenchConfig | None = None) -> dict[str, Any]:
     """The `bench --json` result: `{"results": [{"file", "runtime", "threads", "batch", "median_ms", "p90_ms",
     ...}], ...}` for every encoder in `export_dir`."""
-    from export.exporter import REPORT_NAME
-    from export.runtimes import format_of, open_runner, unavailable_reason
-
     config = config or BenchConfig()
     directory = Path(export_dir)
     if not directory.is_dir():
@@ -170,9 +171,6 @@ def bench_text_input(tokenizer: dict[str, Any]) -> np.ndarray:
 
 def _eager_towers(spec: str, preprocess: dict[str, Any]) -> dict[str, torch.nn.Module]:
     """The eager towers the export was made from; none when the model can no longer be loaded (moved, offline)."""
-    from export.towers import ImageEncoder, TextEncoder, prepare_for_export
-    from teachers.specs import load_model
-
     try:
         loaded = load_model(spec, warn_random=False)
     except UserInputError:

@@ -30,6 +30,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from distill.evaluate import load_eval_data, zero_shot_metrics
+from export.coreml import can_run_coreml, convert_coreml, coreml_unavailable_reason, predict_coreml, validate_mlpackage
+from export.files import export_readme, preprocess_json, tokenizer_json
+from export.inputs import load_inputs
+from export.onnx_export import check_onnx, export_onnx, onnx_session, run_onnx
 from export.parity import (
     FP16_BOUND,
     FP32_BOUND,
@@ -40,7 +45,16 @@ from export.parity import (
     compare_embeddings,
     outputs_vary,
 )
-from export.runtimes import PHONE_FORMATS, RUNTIME_OF_FORMAT, SUFFIX_OF_FORMAT, open_runner, unavailable_reason
+from export.phones import for_xnnpack, to_executorch, to_litert
+from export.quantize import grouped_convs, quantization_method, quantize_within_bound
+from export.runtimes import (
+    PHONE_FORMATS,
+    RUNTIME_OF_FORMAT,
+    SUFFIX_OF_FORMAT,
+    format_of,
+    open_runner,
+    unavailable_reason,
+)
 from export.towers import (
     IMAGE_INPUT,
     IMAGE_OUTPUT,
@@ -53,7 +67,7 @@ from export.towers import (
 from mdcore.atomic import atomic_directory, write_json_atomic
 from mdcore.errors import UserInputError
 from mdcore.paths import check_output
-from teachers.specs import LoadedModel
+from mdmodels.specs import LoadedModel, load_model
 
 __all__ = ["ExportConfig", "export_model", "export_loaded_model", "FORMATS", "REPORT_NAME"]
 
@@ -102,8 +116,6 @@ class ExportConfig:
 
 def export_model(spec: str, out: str | Path, config: ExportConfig) -> dict[str, Any]:
     """Load `spec` (any model spec) and export it; returns the report written to `out/export_report.json`."""
-    from teachers.specs import load_model
-
     out = Path(out)
     _check_out(out, config.overwrite)
     check_output(out, [spec, config.data])  # --overwrite must never delete the model or data it reads
@@ -124,8 +136,6 @@ def export_loaded_model(loaded: LoadedModel, out: str | Path, config: ExportConf
     out = Path(out)
     _check_out(out, config.overwrite)
     if "coreml" in config.formats:
-        from export.coreml import coreml_unavailable_reason
-
         reason = coreml_unavailable_reason()
         if reason:
             raise UserInputError(f"{reason}; export with --format onnx")
@@ -139,9 +149,6 @@ def export_loaded_model(loaded: LoadedModel, out: str | Path, config: ExportConf
 
 
 def _export_into(loaded: LoadedModel, directory: Path, config: ExportConfig) -> dict[str, Any]:
-    from export.files import export_readme, preprocess_json, tokenizer_json
-    from export.inputs import load_inputs
-
     start = time.time()
     torch.manual_seed(config.seed)
     prepared = prepare_for_export(loaded.model)
@@ -207,8 +214,6 @@ def _export_into(loaded: LoadedModel, directory: Path, config: ExportConfig) -> 
 
     coreml_note = None
     if "coreml" in config.formats:
-        from export.coreml import can_run_coreml
-
         for tower in towers.values():
             bar.set_postfix_str(f"{tower.name} tower -> CoreML")
             files[tower.coreml_name] = _convert_coreml_tower(tower, loaded, directory, config, preprocess, inputs)
@@ -268,7 +273,6 @@ def image_inputs(loaded: LoadedModel, images: list, pixels: bool) -> torch.Tenso
     own preprocessing, or, for a pixel input, the resized and center-cropped uint8 RGB (N, H, W, 3)."""
     if not pixels:
         return torch.stack([loaded.preprocess(im) for im in images])
-    from export.files import preprocess_json
 
     height, width = preprocess_json(loaded)["size"]
     return torch.stack([torch.from_numpy(np.array(_center_crop(im, height, width), dtype=np.uint8))
@@ -301,8 +305,6 @@ class _Tower:
 
 
 def _export_onnx_tower(tower: _Tower, directory: Path, bound) -> dict[str, Any]:
-    from export.onnx_export import check_onnx, export_onnx, onnx_session, run_onnx
-
     path = directory / tower.onnx_name
     # Example batch of 2: torch.export specializes a batch of 1 into a constant.
     export_onnx(tower.module, tower.inputs[:2], path, tower.input_name, tower.output_name, tower.name)
@@ -324,8 +326,6 @@ def _onnx_metrics(session, tower: _Tower, run_onnx) -> dict[str, float]:
 
 def _file_entry(path: Path, tower: _Tower, precision: str, metrics: dict[str, float] | None, session=None,
                 **more: Any) -> dict[str, Any]:
-    from export.runtimes import format_of
-
     entry: dict[str, Any] = {"tower": tower.name, "format": format_of(path), "precision": precision,
                              "max_abs_diff": None if metrics is None else metrics["max_abs_diff"],
                              "min_cosine": None if metrics is None else metrics["min_cosine"],
@@ -347,8 +347,6 @@ def _size_of(path: Path) -> int:
 def _calibration_inputs(loaded: LoadedModel, config: ExportConfig, size: int) -> dict[str, torch.Tensor]:
     """Calibration inputs per tower (images (N, 3, H, W), token ids (N, L)): the training split when the dataset
     has one. Static QDQ calibrates on the images; dynamic int8 reads either only to smooth activations."""
-    from export.inputs import load_inputs
-
     split = "train" if config.data is not None and (Path(config.data) / "train").is_dir() else config.split
     inputs = load_inputs(config.data, split, config.num_calibration_samples, size, config.seed + 1,
                          text_count=config.num_calibration_samples)
@@ -358,9 +356,6 @@ def _calibration_inputs(loaded: LoadedModel, config: ExportConfig, size: int) ->
 
 def _quantize_tower(tower: _Tower, directory: Path, calibration: torch.Tensor, bound, progress: bool
                     ) -> dict[str, Any]:
-    from export.onnx_export import onnx_session, run_onnx
-    from export.quantize import grouped_convs, quantization_method, quantize_within_bound
-
     fp32_path, int8_path = directory / tower.onnx_name, directory / tower.int8_name
     method = quantization_method(fp32_path, tower.name)
     batches = [x[None] for x in calibration.numpy()]  # (1, ...) each
@@ -396,8 +391,6 @@ def _quantize_tower(tower: _Tower, directory: Path, calibration: torch.Tensor, b
 
 def _phone_file(tower: _Tower, fmt: str, directory: Path, bound: ParityBound) -> dict[str, Any]:
     """The fp32 `.pte` / `.tflite` of a tower, checked in its own runtime at batch 1 on every parity input."""
-    from export.phones import to_executorch, to_litert
-
     path = directory / tower.file_name(fmt)
     convert = to_executorch if fmt == "executorch" else to_litert
     delegation = convert(_phone_module(tower, fmt), tower.inputs[:1], path)
@@ -409,8 +402,6 @@ def _phone_file(tower: _Tower, fmt: str, directory: Path, bound: ParityBound) ->
 def _phone_module(tower: _Tower, fmt: str) -> torch.nn.Module:
     """The tower rewritten for `fmt`'s XNNPACK (export.phones.for_xnnpack); LiteRT's converter also takes the
     end-of-text argmax on int32 ids only."""
-    from export.phones import for_xnnpack
-
     module = tower.module
     if tower.name == "text" and fmt == "litert":
         module = TextEncoder(module.model, int32_ids=True)
@@ -422,9 +413,6 @@ def _phone_int8_file(tower: _Tower, fmt: str, directory: Path, calibration: torc
     """The int8 file of a tower: static int8 first where the ONNX path found a convolutional tower (what XNNPACK's
     int8 convolutions pay off on), then dynamic int8, then dynamic int8 of the matrix products alone; the first
     method that meets the bound stays."""
-    from export.phones import to_executorch, to_litert
-    from export.quantize import quantization_method
-
     path = directory / tower.file_name(fmt, "int8")
     convert = to_executorch if fmt == "executorch" else to_litert
     convolutional = quantization_method(directory / tower.onnx_name, tower.name) == "static_qdq"
@@ -472,8 +460,6 @@ def _zero_shot(loaded: LoadedModel, directory: Path, towers: dict, files: dict[s
     """Zero-shot top-1 on the dataset split (CLIP_benchmark's protocol) of the eager towers and of every image /
     text file pair of one format and precision, each run in its own runtime; a pair more than
     `zeroshot_max_drop` points below eager fails the export."""
-    from distill.evaluate import load_eval_data, zero_shot_metrics
-
     data = load_eval_data(config.data, config.split)
     prompts = [t.format(c=c) for c in data.classnames for t in data.templates]
     prompt_tokens = loaded.tokenizer(prompts).to(torch.int32)  # (C * T, L)
@@ -534,8 +520,6 @@ def _zero_shot(loaded: LoadedModel, directory: Path, towers: dict, files: dict[s
 
 def _convert_coreml_tower(tower: _Tower, loaded: LoadedModel, directory: Path, config: ExportConfig,
                           preprocess: dict[str, Any], inputs) -> dict[str, Any]:
-    from export.coreml import can_run_coreml, convert_coreml, predict_coreml, validate_mlpackage
-
     path = directory / tower.coreml_name
     more: dict[str, Any] = {"deployment_target": config.coreml_target, "compression": config.coreml_compress}
     if tower.name == "image":

@@ -5,7 +5,7 @@ from typing import Any
 
 import torch
 
-from teachers.specs import LoadedModel
+from mdmodels.specs import LoadedModel
 
 __all__ = ["preprocess_json", "tokenizer_json", "export_readme", "TOKENIZER_EXAMPLES"]
 

@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from mdcore.errors import UserInputError
+from reinforced_data.shards import SkipLog, iter_image_text, resolve_shards
 
 __all__ = ["InputSet", "load_inputs", "generated_images", "DEFAULT_TEXTS"]
 
@@ -59,7 +60,6 @@ def load_inputs(data: str | Path | None, split: str, count: int, image_size: int
     if data is None:
         texts = list(itertools.islice(itertools.cycle(DEFAULT_TEXTS), text_count or len(DEFAULT_TEXTS)))
         return InputSet(generated_images(count, image_size, seed), texts, f"generated ({count} images)")
-    from reinforced_data.shards import SkipLog, iter_image_text, resolve_shards
 
     root = Path(data)
     use_split = split if (root / split).is_dir() else None

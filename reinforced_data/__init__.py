@@ -1,11 +1,12 @@
-"""Data: the embedded OpenMoji set, reading user webdataset shards, writing and reading reinforced datasets.
+"""Data: the embedded OpenMoji set, user webdataset shards (local or in object storage), replayable augmentations,
+the input pipeline, and the reinforced-dataset layout (storage, reader, inspection).
 
-The reinforced-dataset names (`open_reinforced`, `reinforce`, ...) load on first use, which keeps this package
-free of import cycles with `teachers` and `distill`.
+Above `mdmodels` and `mdcore`; the jobs that fill a reinforced dataset with teachers' embeddings live in `teachers`.
 """
 
-import importlib
-
+import mdcore  # noqa: F401  (first: it sets the OpenMP wait policy before torch loads)
+from reinforced_data.augment import AugmentationConfig, replay_augmentation
+from reinforced_data.reader import ReinforcedInfo, open_reinforced, pair_image_shards, read_info
 from reinforced_data.shards import (
     IMAGE_EXTENSIONS,
     ImageTextSample,
@@ -17,31 +18,6 @@ from reinforced_data.shards import (
     resolve_shards,
 )
 
-_LAZY = {
-    "AugmentationConfig": "reinforced_data.augment",
-    "replay_augmentation": "reinforced_data.augment",
-    "ReinforcedInfo": "reinforced_data.reader",
-    "pair_image_shards": "reinforced_data.reader",
-    "open_reinforced": "reinforced_data.reader",
-    "read_info": "reinforced_data.reader",
-    "ReinforceConfig": "reinforced_data.writer",
-    "reinforce": "reinforced_data.writer",
-}
-
-__all__ = [
-    "IMAGE_EXTENSIONS",
-    "ImageTextSample",
-    "SkipLog",
-    "decode_sample",
-    "iter_image_text",
-    "iter_raw_samples",
-    "read_lines",
-    "resolve_shards",
-    *_LAZY,
-]
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'reinforced_data' has no attribute {name!r}")
+__all__ = ["IMAGE_EXTENSIONS", "ImageTextSample", "SkipLog", "decode_sample", "iter_image_text", "iter_raw_samples",
+           "read_lines", "resolve_shards", "AugmentationConfig", "replay_augmentation", "ReinforcedInfo",
+           "open_reinforced", "pair_image_shards", "read_info"]

@@ -1,44 +1,15 @@
-"""Teachers and captioners: load any model spec, ensemble teachers, generate captions, train or fine-tune them.
+"""Teachers and captioners: frozen teachers and ensembles by model spec, CoCa captioners with a key-value-cached
+decoder, and the jobs that run them over image-text shards: `reinforce` (write a reinforced dataset) and
+`extend_reinforced` (add a captioner's caption set or a teacher to one).
 
-Importing this package registers mobiledistill's shipped architectures (`md-teacher-s`, `md-teacher-m`,
-`md-coca-tiny`, `md-student-tiny`, ...) with open_clip, and teaches open_clip's tower builders the per-layer
-head counts and MLP widths of automatically inherited models (`teachers.pruned`). The other public names load on
-first use, so that importing the package stays cheap and free of import cycles with `reinforced_data` and
-`distill`.
+Above `reinforced_data` (whose shards, augmentations and storage the jobs use) and `mdmodels`; below `distill`.
 """
 
-import importlib
+import mdcore  # noqa: F401  (first: it sets the OpenMP wait policy before torch loads)
+from teachers.captioner import Captioner, load_captioner
+from teachers.extend import extend_reinforced
+from teachers.reinforce import ReinforceConfig, reinforce
+from teachers.teacher import Teacher, TeacherEnsemble, load_ensemble, load_teacher
 
-from teachers.pruned import register_variable_width_towers
-from teachers.registry import SHIPPED_ARCHITECTURES, list_architectures, register_model_configs
-
-register_model_configs()
-register_variable_width_towers()  # towers with per-layer head counts and MLP widths (automatic inheritance)
-
-_LAZY = {
-    "Captioner": "teachers.captioner",
-    "load_captioner": "teachers.captioner",
-    "read_provenance": "teachers.model_dir",
-    "save_model_dir": "teachers.model_dir",
-    "update_provenance": "teachers.model_dir",
-    "LoadedModel": "teachers.specs",
-    "ModelSpec": "teachers.specs",
-    "load_model": "teachers.specs",
-    "model_config_of": "teachers.specs",
-    "parse_model_spec": "teachers.specs",
-    "Teacher": "teachers.teacher",
-    "TeacherEnsemble": "teachers.teacher",
-    "load_ensemble": "teachers.teacher",
-    "load_teacher": "teachers.teacher",
-    "TeacherTrainConfig": "teachers.train",
-    "train_teacher": "teachers.train",
-}
-
-__all__ = ["SHIPPED_ARCHITECTURES", "list_architectures", "register_model_configs", "register_variable_width_towers",
-           *_LAZY]
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'teachers' has no attribute {name!r}")
+__all__ = ["Captioner", "load_captioner", "Teacher", "TeacherEnsemble", "load_ensemble", "load_teacher",
+           "ReinforceConfig", "reinforce", "extend_reinforced"]

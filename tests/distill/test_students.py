@@ -4,8 +4,8 @@ import open_clip
 import pytest
 import torch
 
-import teachers  # noqa: F401  (registers the shipped architectures)
-from teachers.registry import SHIPPED_ARCHITECTURES
+import mdmodels  # noqa: F401  (registers the shipped architectures)
+from mdmodels.registry import SHIPPED_ARCHITECTURES
 
 STUDENTS = [a for a in SHIPPED_ARCHITECTURES if a.startswith(("TinyCLIP-", "md-student"))]
 

@@ -14,7 +14,7 @@ from distill.recipe import DistillConfig, load_recipe
 from distill.train import distill
 from mdcore.errors import UserInputError
 from reinforced_data.augment import AugmentationConfig
-from reinforced_data.writer import ReinforceConfig, reinforce
+from teachers.reinforce import ReinforceConfig, reinforce
 from tests.conftest import write_shapes_root
 
 REPO = Path(__file__).parents[2]

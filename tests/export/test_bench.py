@@ -2,8 +2,8 @@
 
 import json
 
-from distill.cli import main
 from export.bench import BenchConfig, bench_export, time_call
+from mobiledistill.cli import main
 
 
 def test_time_call_reports_median_and_p90():

@@ -10,12 +10,12 @@ import onnx
 import pytest
 import torch
 
-from distill.cli import main
 from export import ExportConfig, ExportError, export_loaded_model, export_model
 from export.coreml import coreml_unavailable_reason
 from export.smoothing import SMOOTHING_ALPHAS
-from teachers import load_model
-from teachers.registry import SHIPPED_ARCHITECTURES
+from mdmodels import load_model
+from mdmodels.registry import SHIPPED_ARCHITECTURES
+from mobiledistill.cli import main
 
 STUDENTS = [a for a in SHIPPED_ARCHITECTURES if a == "md-student-tiny" or a.startswith("TinyCLIP-")]
 FAST_STUDENTS = {"md-student-tiny", "TinyCLIP-ViT-8M-16-Text-3M"}

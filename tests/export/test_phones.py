@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from distill.cli import main
 from export import ExportConfig, ExportError, export_model
 from export.bench import BenchConfig, bench_export
 from export.parity import outputs_vary
 from export.runtimes import open_runner, unavailable_reason
 from export.towers import ImageEncoder, prepare_for_export
-from teachers import load_model
+from mdmodels import load_model
+from mobiledistill.cli import main
 
 pytestmark = pytest.mark.skipif(bool(unavailable_reason("executorch") or unavailable_reason("litert")),
                                 reason="the phone runtimes are not installed for this platform")
@@ -176,9 +176,9 @@ def test_int8_tries_static_first_for_convolutional_towers_and_then_each_fallback
     """The method order of a convolutional tower (static, dynamic, dynamic of the matrix products), on the student's
     image tower taken for one (a FastViT runs the same code at several times the cost): the first method within
     the bound is kept, and when none is, the error names every attempt."""
-    import export.quantize
+    import export.exporter
 
-    monkeypatch.setattr(export.quantize, "quantization_method",
+    monkeypatch.setattr(export.exporter, "quantization_method",
                         lambda path, tower: "static_qdq" if tower == "image" else "dynamic")
     spec = str(tiny_model_dirs["teacher_b"])
     report = export_model(spec, tmp_path / "out", ExportConfig(

@@ -44,7 +44,7 @@ def test_cross_attention_and_returned_weights_take_the_original_path():
 def test_prepare_for_export_leaves_the_callers_model_alone():
     import open_clip
 
-    import teachers  # noqa: F401  (registers md-student-tiny)
+    import mdmodels  # noqa: F401  (registers md-student-tiny)
 
     model = open_clip.create_model("md-student-tiny")
     prepared = prepare_for_export(model)

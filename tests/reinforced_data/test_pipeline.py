@@ -49,7 +49,7 @@ def _same(a, b) -> bool:
 
 @pytest.fixture(scope="module")
 def three_shard_dataset(tmp_path_factory, tiny_model_dirs):
-    from reinforced_data.writer import ReinforceConfig, reinforce
+    from teachers.reinforce import ReinforceConfig, reinforce
 
     root = write_shapes_root(tmp_path_factory.mktemp("data") / "shapes", per_pair=3, size=32, train_shards=3)
     out = tmp_path_factory.mktemp("dr") / "dr"
@@ -105,7 +105,7 @@ def test_embeddings_only_shards_join_their_image_shards_in_order_with_missing_im
 
     from reinforced_data.reader import open_reinforced
     from reinforced_data.shards import SkipLog, iter_raw_samples
-    from reinforced_data.writer import ReinforceConfig, reinforce
+    from teachers.reinforce import ReinforceConfig, reinforce
 
     root = write_shapes_root(tmp_path / "shapes", per_pair=2, size=32, train_shards=2)
     full, bare = tmp_path / "full", tmp_path / "bare"

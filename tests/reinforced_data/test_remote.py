@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from distill.cli import main
 from distill.recipe import load_recipe
 from distill.train import distill
 from mdcore.errors import UserInputError
+from mobiledistill.cli import main
 from reinforced_data.reader import open_reinforced
 from reinforced_data.shards import SkipLog, resolve_shards
 

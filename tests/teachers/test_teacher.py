@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from teachers import Captioner, Teacher, TeacherEnsemble, load_model
+from mdmodels import load_model
+from teachers import Captioner, Teacher, TeacherEnsemble
 from tests.conftest import draw_shape
 
 

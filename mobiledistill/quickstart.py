@@ -15,14 +15,29 @@ directory to redo it; an interrupted distillation resumes from its last checkpoi
 7. `summary.json`, `report.html` and a table on stdout.
 """
 
+import html
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
+from distill.evaluate import evaluate_model, load_eval_data
+from distill.recipe import DistillConfig, LossWeights
+from distill.teacher_training import TeacherTrainConfig, train_teacher
+from distill.train import distill
+from export.bench import BenchConfig, bench_export
+from export.coreml import coreml_unavailable_reason
+from export.exporter import ExportConfig, export_model
+from mdcore.atomic import write_json_atomic, write_text_atomic
 from mdcore.errors import UserInputError
 from mdcore.jsonio import read_json_file
+from mdmodels.specs import load_model
+from mobiledistill.report import parameter_counts, render_report
+from reinforced_data.emoji import build_emoji_dataset
+from teachers.reinforce import ReinforceConfig, reinforce
 
 __all__ = ["QuickstartConfig", "quickstart", "format_summary"]
 
@@ -90,17 +105,6 @@ def _is_model_dir(path: Path) -> bool:
 def quickstart(out_dir: str | Path, config: QuickstartConfig | None = None, progress: bool = True,
                log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run (or finish) the quickstart in `out_dir`; writes and returns `summary.json`'s content."""
-    from tqdm import tqdm
-
-    from distill.evaluate import evaluate_model, load_eval_data
-    from distill.recipe import DistillConfig, LossWeights
-    from distill.train import distill
-    from mdcore.atomic import write_json_atomic
-    from reinforced_data import ReinforceConfig, reinforce
-    from reinforced_data.emoji import build_emoji_dataset
-    from teachers.specs import load_model
-    from teachers.train import TeacherTrainConfig, train_teacher
-
     config = config or QuickstartConfig()
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -172,8 +176,6 @@ def quickstart(out_dir: str | Path, config: QuickstartConfig | None = None, prog
                                progress=progress, seed=config.seed), exports / "student")
 
     def time_image_towers() -> None:
-        from export.bench import BenchConfig, bench_export
-
         for name in ROLES:
             if not (exports / name / "export_report.json").is_file():
                 _export(out / name, exports / name, data, full=False, coreml=False, progress=progress,
@@ -196,15 +198,12 @@ def _coreml_note(wanted: bool) -> str | None:
     """None when CoreML packages will be written; else why not (the table says so)."""
     if not wanted:
         return "CoreML not requested (--no-coreml)"
-    from export.coreml import coreml_unavailable_reason
 
     return coreml_unavailable_reason()
 
 
 def _export(model_dir: Path, target: Path, data: Path, full: bool, coreml: bool, progress: bool, seed: int) -> None:
     """The student in every format (`full`), or one model's image tower in fp32 ONNX for timing."""
-    from export.exporter import ExportConfig, export_model
-
     if full:
         config = ExportConfig(formats=("onnx", "coreml") if coreml else ("onnx",), quantize="int8", data=str(data),
                               progress=progress, seed=seed, extra={"command": "mobiledistill quickstart"})
@@ -225,8 +224,6 @@ def _image_latency(bench_path: Path) -> float | None:
 
 def _summary(out: Path, data: Path, splits: list[str], coreml_note: str | None, config: QuickstartConfig,
              wall_s: float, stage_times: dict[str, float]) -> dict[str, Any]:
-    from export.report import parameter_counts
-
     rows = []
     for name, role in ROLES.items():
         evaluation = read_json_file(out / "eval" / f"{name}.test.json")
@@ -301,11 +298,6 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 def _write_outputs(out: Path, summary: dict[str, Any]) -> None:
-    import html
-
-    from export.report import render_report
-    from mdcore.atomic import write_json_atomic, write_text_atomic
-
     rows = [{**r, "path": r["model_dir"], "text_latency_ms": None,
              "latency_source": "onnxruntime fp32, 1 thread (quickstart)"} for r in summary["rows"]]
     intro = (f"<p>The quickstart on <code>{html.escape(summary['data_dir'])}</code>, "

@@ -19,11 +19,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
+from export.bench import time_call
+from export.files import preprocess_json
+from export.towers import ImageEncoder, TextEncoder, prepare_for_export
 from mdcore.atomic import write_text_atomic
 from mdcore.errors import UserInputError, first_line
 from mdcore.jsonio import read_json_file, read_jsonl_file
+from mdmodels.model_dir import read_provenance
+from mdmodels.specs import load_model
 
 __all__ = ["summarize_run", "write_report", "render_report", "pareto_front", "parameter_counts", "BENCH_LOCATIONS"]
 
@@ -32,8 +38,6 @@ BENCH_LOCATIONS = ("export/bench.json", "bench.json")
 
 def summarize_run(run_dir: str | Path, latency_runs: int = 20) -> dict[str, Any]:
     """One row of the report: parameters, accuracy, latency per tower and where each number came from."""
-    from teachers.model_dir import read_provenance
-
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserInputError(f"run directory not found: {run_dir}")
@@ -54,8 +58,6 @@ def summarize_run(run_dir: str | Path, latency_runs: int = 20) -> dict[str, Any]
 
 def parameter_counts(run_dir: Path) -> dict[str, int]:
     """Parameters of a model directory, all, image tower and the rest, read from its safetensors header."""
-    from safetensors import SafetensorError, safe_open
-
     weights = sorted(run_dir.glob("*.safetensors"))
     if not weights:
         raise UserInputError(f"model directory {run_dir} has no weights (expected open_clip_model.safetensors)")
@@ -98,11 +100,6 @@ def _latency(run_dir: Path, runs: int) -> dict[str, Any]:
 
 
 def _measure_eager(run_dir: Path, runs: int) -> dict[str, Any]:
-    from export.bench import time_call
-    from export.files import preprocess_json
-    from export.towers import ImageEncoder, TextEncoder, prepare_for_export
-    from teachers.specs import load_model
-
     loaded = load_model(f"local-dir:{run_dir}")
     model = prepare_for_export(loaded.model).model
     height, width = preprocess_json(loaded)["size"]

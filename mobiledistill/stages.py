@@ -28,7 +28,7 @@ from mdcore.errors import UserInputError
 from mdcore.locks import hold_directory, holds_nothing
 from mdcore.names import STAGES_RECIPE
 from mdcore.processes import process_state
-from teachers.model_dir import CONFIG_NAME, PROVENANCE_NAME, read_provenance
+from mdmodels.model_dir import CONFIG_NAME, PROVENANCE_NAME, read_provenance
 
 __all__ = ["is_staged", "run_stages"]
 

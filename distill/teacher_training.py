@@ -24,11 +24,11 @@ from tqdm import tqdm
 from mdcore.configs import check_choice, check_range, check_types
 from mdcore.errors import UserInputError
 from mdcore.processes import make_accelerator
+from mdmodels.model_dir import save_model_dir
+from mdmodels.specs import LoadedModel, load_model
 from reinforced_data.examples import ImageTextSource, TransformExamples
 from reinforced_data.pipeline import ExampleStream, StreamTracker, default_num_workers, make_loader
 from reinforced_data.shards import resolve_shards
-from teachers.model_dir import save_model_dir
-from teachers.specs import LoadedModel, load_model
 
 __all__ = ["TeacherTrainConfig", "train_teacher", "cosine_with_warmup", "param_groups_for_weight_decay",
            "optimizer_step", "LockedTextCache", "is_hf_text"]

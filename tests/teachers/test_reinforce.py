@@ -13,13 +13,13 @@ import pytest
 import torch
 import webdataset as wds
 
-from distill.cli import main
 from distill.losses import ensemble_kd_loss
 from mdcore.errors import UserInputError
+from mobiledistill.cli import main
 from reinforced_data.augment import AugmentationConfig, replay_augmentation
 from reinforced_data.reader import open_reinforced, read_info
 from reinforced_data.storage import decode_embeddings, encode_embeddings
-from reinforced_data.writer import ReinforceConfig, reinforce
+from teachers.reinforce import ReinforceConfig, reinforce
 from teachers.teacher import TeacherEnsemble
 from tests.conftest import draw_shape, png_bytes, write_shapes_root
 

@@ -30,11 +30,14 @@ from mdcore.errors import UserInputError
 from mdcore.jsonio import read_json_file
 from mdcore.locks import hold_directory, remove_temporaries
 from mdcore.names import EXTEND_RUN, REINFORCE_RUN, REINFORCED_CONFIG, SHARD_STATS_SUFFIX
+from mdcore.processes import process_state
 from reinforced_data.augment import replay_augmentation
 from reinforced_data.reader import join_images, pair_image_shards, parse_caption_sets, parse_param_aug, read_info
 from reinforced_data.shards import IMAGE_EXTENSIONS, SkipLog, decode_sample, iter_raw_samples, open_tar_writer
 from reinforced_data.storage import quantize_int8, read_arrays, write_arrays
-from reinforced_data.writer import caption_seed, caption_set_key, parse_captioner
+from teachers.captioner import load_captioner
+from teachers.reinforce import caption_seed, caption_set_key, parse_captioner
+from teachers.teacher import load_ensemble, load_teacher
 
 __all__ = ["extend_reinforced"]
 
@@ -73,8 +76,6 @@ class _Extension:
 
     def __init__(self, config: dict[str, Any], info, device, captioner_spec: str | None, teacher_spec: str | None,
                  num_captions: int):
-        from teachers import load_captioner, load_ensemble, load_teacher
-
         self.config, self.info, self.dtype = config, info, config["dtype"]
         self.dims = [int(t["dim"]) for t in config["teachers"]]
         self.seed = int(config["seed"])
@@ -210,8 +211,6 @@ def extend_reinforced(dataset: str | Path, captioner: str | None = None, teacher
                       progress: bool = True) -> dict[str, Any]:
     """Add `captioner`'s captions (`SPEC:TAG`) or `teacher`'s embeddings to the finished reinforced dataset
     `dataset` (see the module docstring); returns its updated config.json."""
-    from mdcore.processes import process_state
-
     if (captioner is None) == (teacher is None):
         raise UserInputError("--add-to adds one --captioner SPEC:TAG or one --teacher SPEC")
     if captioner is not None and not 0 < num_captions <= 1024:

@@ -4,9 +4,9 @@ import json
 import re
 import shutil
 
-from distill.cli import main
 from export.bench import BenchConfig, bench_export
-from export.report import pareto_front, summarize_run
+from mobiledistill.cli import main
+from mobiledistill.report import pareto_front, summarize_run
 
 EVALUATION = {"zeroshot": {"top1": 0.25, "top5": 0.5, "mean_per_class_recall": 0.2, "num_classes": 3},
               "retrieval": {"image_to_text": {"R@1": 0.125, "R@5": 0.5, "R@10": 1.0},
