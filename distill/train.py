@@ -14,7 +14,6 @@ global batch (the losses contrast each process's rows against the gathered globa
 """
 
 import json
-import math
 import shutil
 import time
 import warnings
@@ -26,7 +25,6 @@ import torch
 import torch.nn.functional as F
 import yaml
 from torch import nn
-from tqdm import tqdm
 
 from distill.checkpoint import (
     STEP_NAME,
@@ -38,16 +36,18 @@ from distill.checkpoint import (
 )
 from distill.evaluate import evaluate_model
 from distill.inherit import inherit_weights
+from distill.loop import (
+    LockedTextCache,
+    LoopConfig,
+    lock_text_tower,
+    make_optimizer,
+    make_schedule,
+    train_loop,
+    usable_batches,
+)
 from distill.losses import affinity_mimicking_loss, clip_loss, ensemble_kd_loss, feature_distillation_loss
 from distill.prune import attach_masks, counted_parameters, prune_model, source_pruning, tower_parameter_count
 from distill.recipe import DistillConfig, validate_recipe
-from distill.teacher_training import (
-    LockedTextCache,
-    cosine_with_warmup,
-    is_hf_text,
-    optimizer_step,
-    param_groups_for_weight_decay,
-)
 from mdcore.atomic import write_text_atomic
 from mdcore.errors import UserInputError
 from mdcore.jsonio import read_jsonl_file
@@ -170,16 +170,6 @@ def _plot_curves(rows: list[dict[str, float]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def _batches(loader, tracker: StreamTracker):
-    """The loader's batches, each noted by `tracker` (worker positions, skips, bytes); a worker's last, empty
-    report is noted and passed over. Running dry means no shard held a usable sample."""
-    for batch in loader:
-        tracker.update(batch)
-        if len(batch):
-            yield batch
-    raise UserInputError(f"the training data has no usable samples ({tracker.skips.summary()})")
 
 
 def _resume_point(run_dir: Path, steps: int) -> Path | None:
@@ -308,11 +298,7 @@ def _distill(data: str, run_dir: Path, config: DistillConfig, images: str | None
     if not 0 <= config.loss.reference_teacher < len(dims):
         raise UserInputError(f"loss.reference_teacher={config.loss.reference_teacher} but there are {len(dims)} "
                              "teachers")
-    locked_cache = None
-    if is_hf_text(model) if config.lock_text is None else config.lock_text:
-        model.lock_text_tower(unlocked_layers=0, freeze_layer_norm=True)
-        if is_hf_text(model):  # a locked tower's pooled output never changes: computed once per distinct text
-            locked_cache = LockedTextCache(model.text, loaded.tokenizer, accelerator.device)
+    locked, locked_cache = lock_text_tower(model, loaded.tokenizer, accelerator.device, config.lock_text)
     masks, pruning = None, source_pruning(config.student_from)
     if config.prune.target_sparsity > 0:  # automatic inheritance: learned masks, sliced at the end (distill.prune)
         if pruning and pruning["count"] != config.prune.count:
@@ -325,13 +311,8 @@ def _distill(data: str, run_dir: Path, config: DistillConfig, images: str | None
     student_dim, ref_dim = loaded.embed_dim, dims[config.loss.reference_teacher]
     projection = nn.Linear(student_dim, ref_dim, bias=False).to(accelerator.device) \
         if config.loss.w_feature and student_dim != ref_dim else None
-    params = param_groups_for_weight_decay(model, config.weight_decay)
-    if projection is not None:
-        params.append({"params": list(projection.parameters()), "weight_decay": 0.0})
-    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
-    warmup = min(config.warmup_steps, max(1, config.steps // 2))
-    # stepped once per update by optimizer_step (accelerate's wrapper would step it once per process)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(s, config.steps, warmup))
+    optimizer = make_optimizer(model, config.lr, config.weight_decay, extra=[projection] if projection else [])
+    scheduler = make_schedule(optimizer, config.steps, config.warmup_steps)
     student, optimizer = accelerator.prepare(StudentStep(model, loaded.tokenizer, locked_cache, projection), optimizer)
 
     trained = {"student": model}
@@ -360,63 +341,55 @@ def _distill(data: str, run_dir: Path, config: DistillConfig, images: str | None
     stream = ExampleStream(urls, source, examples, per_process, config.seed, config.shuffle_buffer,
                            accelerator.process_index, accelerator.num_processes, workers, resumed_data)
     tracker = StreamTracker(workers, resumed_data)
-    batches = _batches(make_loader(stream, workers, config.seed, pin_memory=accelerator.device.type == "cuda"),
-                       tracker)
+    loader = make_loader(stream, workers, config.seed, pin_memory=accelerator.device.type == "cuda")
+    batches = usable_batches(loader, tracker, "the training data")
 
     eval_root = config.eval_data or (info.config.get("source") if info is not None else str(data))
     can_eval = bool(eval_root) and Path(eval_root, config.eval_split).is_dir()
     log_path = run_dir / "log.jsonl"
     rows = _logged_rows(log_path, start_step) if start_step else []
-    start = time.time()
-    bar = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps, desc="distill",
-               disable=not progress or not accelerator.is_main_process, dynamic_ncols=True)
-    student.train()
-    for step in bar:
-        for _ in range(config.grad_accum_steps):
-            with accelerator.accumulate(student):
-                batch = next(batches).to(accelerator.device)
-                if ensemble is not None:
-                    batch.image_emb, batch.text_emb, batch.syn_emb = _online_teacher_embeddings(
-                        ensemble, batch.teacher_images, batch.captions, batch.syn_captions)
-                if masks is not None:
-                    masks.apply(model, masks.sample())
-                terms = compute_losses(student, batch, config, dims, teacher_scales)
-                if masks is not None:
-                    terms.update(masks.lagrangian(step))
-                loss = sum(v for k, v in terms.items() if k.endswith("_loss"))
-                # the global batch's values (the mean of the processes' is the one-process loss), in one all-reduce
-                means = accelerator.reduce(torch.stack([v.detach().float() for v in terms.values()]), reduction="mean")
-                terms = dict(zip(terms, means))
-                global_loss = sum(v for k, v in terms.items() if k.endswith("_loss"))
-                if not torch.isfinite(global_loss):
-                    last = last_checkpoint(run_dir)
-                    raise UserInputError(f"loss is {global_loss.item()} at step {step}; last good checkpoint: "
-                                         f"{last if last else 'none (no checkpoint saved yet)'}")
-                optimizer_step(accelerator, student, optimizer, scheduler, loss, config.grad_clip)
-                if masks is not None and accelerator.sync_gradients:
-                    masks.update(mask_optimizer, accelerator)
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100))
-        done = step + 1
-        if step % config.log_every == 0 or done == config.steps or (config.eval_every and done % config.eval_every
-                                                                     == 0):
-            row = {"step": step, "loss": global_loss.item(), "lr": scheduler.get_last_lr()[0],
-                   **{k: v.item() for k, v in terms.items()}, "elapsed_s": round(time.time() - start, 2)}
-            if can_eval and config.eval_every and done % config.eval_every == 0 and done < config.steps:
-                if masks is not None:  # the model the prune step would cut now
-                    masks.apply(model, masks.deterministic())
-                row["eval_top1"] = evaluate_model(loaded, eval_root, config.eval_split,
-                                                  progress=False).get("zeroshot", {}).get("top1", float("nan"))
-                student.train()
-            rows.append(row)
-            accelerator.log({k: v for k, v in row.items() if k != "step"}, step=step)
-            bar.set_postfix(loss=f"{row['loss']:.3f}")
+
+    def losses(batch: Batch, step: int) -> dict[str, torch.Tensor]:
+        if ensemble is not None:
+            batch.image_emb, batch.text_emb, batch.syn_emb = _online_teacher_embeddings(
+                ensemble, batch.teacher_images, batch.captions, batch.syn_captions)
+        if masks is not None:
+            masks.apply(model, masks.sample())
+        terms = compute_losses(student, batch, config, dims, teacher_scales)
+        if masks is not None:
+            terms.update(masks.lagrangian(step))
+        return terms
+
+    def nan_hint(step: int) -> str:
+        last = last_checkpoint(run_dir)
+        return f"; last good checkpoint: {last if last else 'none (no checkpoint saved yet)'}"
+
+    def evaluating(done: int) -> bool:
+        return bool(config.eval_every) and done % config.eval_every == 0
+
+    def on_log(row: dict[str, Any], done: int) -> None:
+        if can_eval and evaluating(done) and done < config.steps:
+            if masks is not None:  # the model the prune step would cut now
+                masks.apply(model, masks.deterministic())
+            row["eval_top1"] = evaluate_model(loaded, eval_root, config.eval_split,
+                                              progress=False).get("zeroshot", {}).get("top1", float("nan"))
+            student.train()
+
+    def end_of_step(done: int, rows: list[dict[str, Any]]) -> None:
         # The last step is saved too, so a finished run can be continued to more steps (`--resume --steps`).
         if config.save_every and (done % config.save_every == 0 or done == config.steps):
             if accelerator.is_main_process:  # the log first: a checkpoint never runs ahead of its log
                 _write_log(log_path, rows)
             state.local["data"] = tracker.state()  # where this process's data workers stand: resumed, they go on there
             save_checkpoint(run_dir / CHECKPOINTS / f"step_{done}", state, done, accelerator)
+
+    start = time.time()
+    loop = LoopConfig(config.steps, config.grad_accum_steps, config.grad_clip, config.log_every,
+                      samples_per_step=config.batch_size * config.grad_accum_steps)
+    rows = train_loop(accelerator, student, model, optimizer, scheduler, batches, losses, loop, start_step=start_step,
+                      rows=rows, desc="distill", progress=progress, nan_hint=nan_hint, log_also=evaluating,
+                      after_update=(lambda: masks.update(mask_optimizer, accelerator)) if masks is not None else None,
+                      on_log=on_log, end_of_step=end_of_step)
     accelerator.wait_for_everyone()
 
     skips = SkipLog()
@@ -443,7 +416,7 @@ def _distill(data: str, run_dir: Path, config: DistillConfig, images: str | None
                       "teachers": teacher_records, "online_teachers": bool(config.online_teachers),
                       "steps": config.steps, "seed": config.seed, "train": summary,
                       "inheritance": inheritance.as_dict() if inheritance else None, "prune": pruning or None,
-                      "text_locked": locked_cache is not None, "evaluation": evaluation}
+                      "text_locked": locked, "evaluation": evaluation}
         write_model_files(model, loaded.model_cfg, run_dir, tokenizer=loaded.tokenizer, provenance=provenance)
         summary["evaluation"] = evaluation
     accelerator.wait_for_everyone()
