@@ -8,6 +8,7 @@ still indexes its embedding table with int64 inside the graph. `prepare_for_expo
 branches first (timm's `reparameterize_model`), so the exported graph is the fast inference-time network.
 """
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -130,9 +131,8 @@ def prepare_for_export(model: nn.Module) -> PreparedModel:
     caller's model is untouched. Every export is still checked against the caller's original model."""
     from timm.utils.model import reparameterize_model
 
-    model = model.eval()
     folded = [name for name, module in model.named_modules() if name and hasattr(module, "reparameterize")]
-    model = reparameterize_model(model, inplace=False).eval()
+    model = reparameterize_model(copy.deepcopy(model).eval(), inplace=True)  # folding reads the BN statistics
     rewritten = 0
     for module in model.modules():
         if type(module) is nn.MultiheadAttention:

@@ -46,8 +46,14 @@ def test_prepare_for_export_leaves_the_callers_model_alone():
 
     import mdmodels  # noqa: F401  (registers md-student-tiny)
 
-    model = open_clip.create_model("md-student-tiny")
+    model = open_clip.create_model("md-student-tiny").train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     prepared = prepare_for_export(model)
     assert prepared.attention_rewritten == 4 + 3  # image and text layers
     assert all(type(m) is nn.MultiheadAttention for m in model.modules() if isinstance(m, nn.MultiheadAttention))
     assert not any(p.requires_grad for p in prepared.model.parameters())
+    assert not prepared.model.training
+    # the caller's model: still training, still trainable, the same weights
+    assert all(m.training for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
