@@ -20,20 +20,25 @@ def test_one_teacher_kd_equals_open_clip_distill_loss():
     assert ours.item() == pytest.approx(theirs.item(), rel=1e-6)
 
 
+def _kd(p_i2t, p_t2i, logits):
+    """KD against target probabilities both ways, the student's logits (B, B)."""
+    return (-(p_i2t * logits.log_softmax(1)).sum(1).mean() - (p_t2i * logits.T.log_softmax(1)).sum(1).mean()) / 2
+
+
 def test_ensemble_averages_probabilities_after_the_softmax():
     image, text = _features(seed=0)
     teachers = [_features(d=12, seed=s) for s in (1, 2)]
     scales = [30.0, 70.0]
     loss = ensemble_kd_loss(image, text, 10.0, [t[0] for t in teachers], [t[1] for t in teachers], scales)
-    p_i2t = sum((s * a @ b.T).softmax(1) for (a, b), s in zip(teachers, scales)) / 2
-    p_t2i = sum((s * b @ a.T).softmax(1) for (a, b), s in zip(teachers, scales)) / 2
     logits = 10.0 * image @ text.T
-    expected = (-(p_i2t * logits.log_softmax(1)).sum(1).mean() - (p_t2i * logits.T.log_softmax(1)).sum(1).mean()) / 2
-    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
-    # averaging logits instead (before the softmax) gives another number: the order matters
-    mixed = sum(s * a @ b.T for (a, b), s in zip(teachers, scales)) / 2
-    wrong = (-(mixed.softmax(1) * logits.log_softmax(1)).sum(1).mean()) / 1
-    assert abs(wrong.item() - loss.item()) > 1e-3
+    after = _kd(sum((s * a @ b.T).softmax(1) for (a, b), s in zip(teachers, scales)) / 2,
+                sum((s * b @ a.T).softmax(1) for (a, b), s in zip(teachers, scales)) / 2, logits)
+    before = _kd((sum(s * a @ b.T for (a, b), s in zip(teachers, scales)) / 2).softmax(1),
+                 (sum(s * b @ a.T for (a, b), s in zip(teachers, scales)) / 2).softmax(1), logits)
+    assert loss.item() == pytest.approx(after.item(), rel=1e-6)
+    # the same formula with the teachers' logits averaged before the softmax lands elsewhere: the order matters
+    assert abs(before.item() - after.item()) > 100 * 1e-6 * abs(after.item())
+    assert loss.item() != pytest.approx(before.item(), rel=1e-6)
 
 
 def test_kd_is_minimal_when_the_student_matches_the_teacher():
@@ -70,6 +75,45 @@ def test_feature_distillation_with_and_without_projection():
     assert projection.weight.grad is not None and loss.item() > 0
 
 
-def test_clip_loss_matches_open_clip_on_one_process():
-    image, text = _features(seed=5)
-    assert clip_loss(image, text, 14.0).item() == pytest.approx(open_clip.ClipLoss()(image, text, 14.0).item())
+def _clip_loss_on_rank(rank: int, world: int, port: int, image, text, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        rows = slice(rank * len(image) // world, (rank + 1) * len(image) // world)
+        mine_image, mine_text = image[rows].clone().requires_grad_(), text[rows].clone().requires_grad_()
+        loss = clip_loss(mine_image, mine_text, 14.0)
+        loss.backward()
+        torch.save({"loss": loss.detach(), "image_grad": mine_image.grad, "text_grad": mine_text.grad},
+                   f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_clip_loss_on_two_processes_is_the_global_batch_loss(tmp_path):
+    """Each process's rows against the gathered global batch: the processes' mean loss is one process's loss on
+    the whole batch, and each process's feature gradients (the all-gather's backward sums them over processes)
+    are the whole-batch gradients of its rows times the process count. Without the gathering each process would
+    contrast its rows against its own half only, and both would differ."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    image, text = _features(b=8, seed=5)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_clip_loss_on_rank, args=(2, port, image, text, str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+    whole_image, whole_text = image.clone().requires_grad_(), text.clone().requires_grad_()
+    whole = clip_loss(whole_image, whole_text, 14.0)
+    whole.backward()
+    assert whole.item() == pytest.approx(open_clip.ClipLoss()(image, text, 14.0).item())
+    assert sum(r["loss"] for r in ranks).item() / 2 == pytest.approx(whole.item(), rel=1e-5)
+    for r, result in enumerate(ranks):
+        rows = slice(4 * r, 4 * (r + 1))
+        assert torch.allclose(result["image_grad"], 2 * whole_image.grad[rows], atol=1e-6)
+        assert torch.allclose(result["text_grad"], 2 * whole_text.grad[rows], atol=1e-6)
+    local_only = open_clip.ClipLoss()(image[:4], text[:4], 14.0).item()
+    assert ranks[0]["loss"].item() != pytest.approx(local_only, rel=1e-3)
