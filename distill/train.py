@@ -34,6 +34,7 @@ from distill.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from distill.curves import save_curves
 from distill.evaluate import evaluate_model
 from distill.inherit import inherit_weights
 from distill.loop import (
@@ -54,7 +55,7 @@ from mdcore.jsonio import read_jsonl_file
 from mdcore.locks import hold_directory, holds_nothing, remove_temporaries
 from mdcore.names import CHECKPOINTS
 from mdcore.processes import make_accelerator, process_state
-from mdmodels.model_dir import CONFIG_NAME, read_provenance, write_model_files
+from mdmodels.model_dir import CONFIG_NAME, is_model_dir, read_provenance, write_model_files
 from mdmodels.specs import load_model
 from reinforced_data.augment import AugmentationConfig
 from reinforced_data.examples import DistillExamples, ImageTextSource, ReinforcedSource
@@ -148,30 +149,6 @@ def compute_losses(student: nn.Module, batch: Batch, config: DistillConfig, dims
     return terms
 
 
-def _plot_curves(rows: list[dict[str, float]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = [k for k in rows[0] if k.endswith("_loss") or k == "loss"]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key in keys:
-        ax.plot([r["step"] for r in rows], [r[key] for r in rows], label=key)
-    evals = [r for r in rows if "eval_top1" in r]
-    if evals:
-        ax2 = ax.twinx()
-        ax2.plot([r["step"] for r in evals], [100 * r["eval_top1"] for r in evals], "k--o", label="test top-1 (%)")
-        ax2.set_ylabel("zero-shot top-1 (%)")
-        ax2.legend(loc="upper center")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.legend(loc="upper right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 def _resume_point(run_dir: Path, steps: int) -> Path | None:
     """The checkpoint `--resume` continues from (None: start afresh), or a `UserInputError` when it cannot: a
     finished run is continued only to more steps, and only from the checkpoint of its last step."""
@@ -179,7 +156,7 @@ def _resume_point(run_dir: Path, steps: int) -> Path | None:
     saved = checkpoint_step(checkpoint) if checkpoint is not None else 0
     if saved > steps:
         raise UserInputError(f"{run_dir}'s last checkpoint is at step {saved}, beyond --steps {steps}")
-    if not (run_dir / CONFIG_NAME).is_file():
+    if not is_model_dir(run_dir):
         return checkpoint
     finished = _finished_steps(run_dir)
     if finished is None or steps <= finished:
@@ -221,7 +198,7 @@ def distill(data: str, run_dir: str | Path, config: DistillConfig, images: str |
     left half-written there (temporaries, a checkpoint without its step.json) is removed when a run takes it over."""
     run_dir = Path(run_dir)
     validate_recipe(config)  # a library caller's config gets the checks a recipe gets
-    if (run_dir / CONFIG_NAME).is_file() and not resume:
+    if is_model_dir(run_dir) and not resume:
         raise UserInputError(f"{run_dir} holds a finished run (delete it, pick another --out, or continue it with "
                              "--resume and more --steps)")
     if not holds_nothing(run_dir) and not resume:
@@ -410,7 +387,7 @@ def _distill(data: str, run_dir: Path, config: DistillConfig, images: str | None
     summary["prune"] = pruning or None
     if accelerator.is_main_process:
         _write_log(log_path, rows)
-        _plot_curves(rows, run_dir / "curves.png")
+        save_curves(rows, run_dir / "curves.png")
         evaluation = evaluate_model(loaded, eval_root, config.eval_split, progress=False) if can_eval else None
         provenance = {"command": command, "recipe": asdict(config), "data": str(data), "images": images,
                       "teachers": teacher_records, "online_teachers": bool(config.online_teachers),

@@ -27,9 +27,11 @@ from mdcore.configs import MAX_IMAGE_SIDE
 from mdcore.errors import UserInputError, first_line
 from mdcore.jsonio import read_json_file
 from mdcore.names import PREPROCESS, TOKENIZER
-from mdmodels.specs import load_model
+from mdcore.threads import torch_threads
+from mdmodels.specs import LoadedModel, load_model
 
-__all__ = ["BenchConfig", "bench_export", "bench_image_input", "bench_text_input", "time_call", "format_bench_table",
+__all__ = ["BenchConfig", "bench_export", "eager_towers", "time_eager", "latency_row",
+           "bench_image_input", "bench_text_input", "time_call", "format_bench_table",
            "COREML_ELSEWHERE"]
 
 COREML_ELSEWHERE = ("CoreML latency needs macOS or a device: run `mobiledistill bench EXPORT_DIR` on a Mac (it times "
@@ -113,14 +115,8 @@ def bench_export(export_dir: str | Path, config: BenchConfig | None = None) -> d
         else:
             tower = target
             bar.set_postfix_str(f"torch {tower} tower, {num_threads} thread(s)")
-            module, example = eager[tower], torch.from_numpy(inputs[tower])
-            previous = torch.get_num_threads()
-            torch.set_num_threads(num_threads)
-            try:
-                with torch.inference_mode():
-                    timing = time_call(lambda m=module, x=example: m(x), config.runs, config.warmup)
-            finally:
-                torch.set_num_threads(previous)
+            timing = time_eager(eager[tower], torch.from_numpy(inputs[tower]), num_threads, config.runs,
+                                config.warmup)
             results.append({"file": f"{tower}_encoder (eager)", "runtime": "torch", "tower": tower,
                             "precision": "fp32", "threads": num_threads, "batch": 1, **timing})
     bar.close()
@@ -175,10 +171,34 @@ def _eager_towers(spec: str, preprocess: dict[str, Any]) -> dict[str, torch.nn.M
         loaded = load_model(spec, warn_random=False)
     except UserInputError:
         return {}
+    return eager_towers(loaded, preprocess.get("image_input", "float") == "uint8")
+
+
+def eager_towers(loaded: LoadedModel, pixels: bool = False) -> dict[str, torch.nn.Module]:
+    """A model's towers as export traces them (`prepare_for_export`), in eval mode: what eager latency means here.
+    `pixels`: the image tower takes uint8 pixels and normalizes them itself."""
     model = prepare_for_export(loaded.model).model
-    pixels = preprocess.get("image_input", "float") == "uint8"
-    image = ImageEncoder(model, preprocess["mean"], preprocess["std"], pixels=True) if pixels else ImageEncoder(model)
+    if pixels:
+        mean, std = loaded.preprocess_cfg["mean"], loaded.preprocess_cfg["std"]
+        image = ImageEncoder(model, mean, std, pixels=True)
+    else:
+        image = ImageEncoder(model)
     return {"image": image.eval(), "text": TextEncoder(model).eval()}
+
+
+def time_eager(module: torch.nn.Module, example: torch.Tensor, threads: int, runs: int, warmup: int
+               ) -> dict[str, float]:
+    """`time_call` of an eager module on `threads` intra-op threads, under inference mode."""
+    with torch_threads(threads), torch.inference_mode():
+        return time_call(lambda: module(example), runs, warmup)
+
+
+def latency_row(rows: list[dict[str, Any]], tower: str) -> dict[str, Any] | None:
+    """The bench row a summary quotes for a tower's latency: onnxruntime, fp32, batch 1, with the most threads
+    measured (the quickstart measures one thread only); None when the bench has no such row."""
+    candidates = [r for r in rows if r.get("runtime") == "onnxruntime" and r.get("tower") == tower
+                  and r.get("precision") == "fp32" and r.get("batch", 1) == 1]
+    return max(candidates, key=lambda r: r.get("threads") or 0) if candidates else None
 
 
 def _bench_coreml(directory: Path, inputs: dict[str, np.ndarray], config: BenchConfig) -> list[dict[str, Any]]:

@@ -41,6 +41,7 @@ from export.parity import ExportError
 from export.runtimes import quiet_native
 from export.towers import ExportableSelfAttention
 from mdcore.errors import first_line
+from mdmodels.attention import written_out_attention
 
 __all__ = ["to_executorch", "to_litert", "for_xnnpack", "QUANTIZATION_METHODS"]
 
@@ -100,20 +101,8 @@ class _BatchedSelfAttention(ExportableSelfAttention):
     4-D products and splits through copies outside XNNPACK."""
 
     def attend(self, qkv: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
-        batch, length, width = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
-        heads, head_dim = self.num_heads, width // self.num_heads
-        q, k, v = qkv[..., :width], qkv[..., width:2 * width], qkv[..., 2 * width:]  # (B, L, E) each
-
-        def heads_first(t: torch.Tensor) -> torch.Tensor:  # (B, L, E) -> (B * H, L, E / H)
-            return t.reshape(batch, length, heads, head_dim).transpose(1, 2).reshape(batch * heads, length, head_dim)
-
-        scores = torch.bmm(heads_first(q * head_dim ** -0.5), heads_first(k).transpose(1, 2))  # (B * H, L, L)
-        if attn_mask is not None:
-            if attn_mask.dtype == torch.bool:  # MHA's boolean masks mark the positions to leave out
-                attn_mask = torch.zeros_like(attn_mask, dtype=q.dtype).masked_fill(attn_mask, float("-inf"))
-            scores = scores + attn_mask  # (L, L) or (B * H, L, L)
-        out = torch.bmm(scores.softmax(dim=-1), heads_first(v))  # (B * H, L, E / H)
-        return out.reshape(batch, heads, length, head_dim).transpose(1, 2).reshape(batch, length, width)
+        return written_out_attention(qkv, self.num_heads, qkv.shape[2] // 3 // self.num_heads, attn_mask,
+                                     batched_3d=True)
 
 
 def _plain_layer_norm(module: nn.Module) -> bool:

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mdmodels.attention import written_out_attention
+
 __all__ = ["ImageEncoder", "TextEncoder", "ExportableSelfAttention", "PreparedModel", "prepare_for_export",
            "unit_layer_scales",
            "IMAGE_INPUT", "TEXT_INPUT", "IMAGE_OUTPUT", "TEXT_OUTPUT"]
@@ -100,23 +102,7 @@ class ExportableSelfAttention(nn.MultiheadAttention):
 
     def attend(self, qkv: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
         """(B, L, 3 * E) packed projections -> (B, L, E) attention output, before the output projection."""
-        batch, length, width = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
-        heads, head_dim = self.num_heads, width // self.num_heads
-        q, k, v = qkv.chunk(3, dim=-1)  # (B, L, E) each: one Split node
-        q = q.reshape(batch, length, heads, head_dim).transpose(1, 2) * head_dim ** -0.5  # (B, H, L, E / H)
-        k = k.reshape(batch, length, heads, head_dim).permute(0, 2, 3, 1)  # (B, H, E / H, L)
-        v = v.reshape(batch, length, heads, head_dim).transpose(1, 2)  # (B, H, L, E / H)
-        scores = q @ k  # (B, H, L, L)
-        if attn_mask is not None:
-            if attn_mask.dtype == torch.bool:  # MHA's boolean masks mark the positions to leave out
-                attn_mask = torch.zeros_like(attn_mask, dtype=q.dtype).masked_fill(attn_mask, float("-inf"))
-            if attn_mask.dim() == 3:  # (B * H, L, L) -> (B, H, L, L)
-                attn_mask = attn_mask.reshape(batch, heads, length, length)
-            scores = scores + attn_mask
-        # Written out rather than F.scaled_dot_product_attention, whose exported decomposition rebuilds K's
-        # transpose from dynamic shapes (Shape, Slice, Concat, Reshape) in every layer.
-        out = scores.softmax(dim=-1) @ v  # (B, H, L, E / H)
-        return out.transpose(1, 2).reshape(batch, length, width)  # (B, L, E)
+        return written_out_attention(qkv, self.num_heads, qkv.shape[2] // 3 // self.num_heads, attn_mask)
 
 
 @dataclass

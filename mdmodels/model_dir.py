@@ -20,12 +20,17 @@ from safetensors.torch import save_file
 from mdcore.atomic import atomic_directory, hidden_temporary, write_json_atomic
 from mdcore.jsonio import read_json_file
 
-__all__ = ["save_model_dir", "write_model_files", "read_provenance", "update_provenance", "CONFIG_NAME",
+__all__ = ["save_model_dir", "write_model_files", "read_provenance", "update_provenance", "is_model_dir", "CONFIG_NAME",
            "PROVENANCE_NAME", "WEIGHTS_NAME"]
 
 CONFIG_NAME = "open_clip_config.json"
 WEIGHTS_NAME = "open_clip_model.safetensors"
 PROVENANCE_NAME = "mobiledistill.json"
+
+
+def is_model_dir(path: str | Path) -> bool:
+    """Whether `path` is a finished model directory: its config is written last, so its presence says so."""
+    return (Path(path) / CONFIG_NAME).is_file()
 
 
 def save_model_dir(

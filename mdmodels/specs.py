@@ -26,12 +26,12 @@ from mdcore.configs import MAX_IMAGE_SIDE
 from mdcore.errors import UserInputError, first_line
 from mdcore.jsonio import read_json_file
 from mdmodels.hf_offline import MINILM_HUB_ID, seed_hf_cache, use_offline_mode_if_unreachable
+from mdmodels.model_dir import CONFIG_NAME
 
 __all__ = ["ModelSpec", "LoadedModel", "parse_model_spec", "load_model", "model_config_of", "check_model_config"]
 
 _ARCH_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/]*$")
 _HUB_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]*/[A-Za-z0-9][A-Za-z0-9._\-]*$")
-CONFIG_NAME = "open_clip_config.json"
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from mdmodels.attention import additive_mask, written_out_attention
+
 __all__ = ["VariableWidthAttention", "VariableWidthBlock", "register_variable_width_towers", "VARIABLE_WIDTH_KEYS"]
 
 VARIABLE_WIDTH_KEYS = ("layer_heads", "layer_mlp_widths")
@@ -47,22 +49,14 @@ class VariableWidthAttention(nn.Module):
         batch, length, _ = x.shape
         heads, head_dim = self.num_heads, self.head_dim
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, L, 3 * H * Dh)
-        q, k, v = qkv.chunk(3, dim=-1)  # (B, L, H * Dh) each
-        q = q.reshape(batch, length, heads, head_dim).transpose(1, 2)  # (B, H, L, Dh)
-        v = v.reshape(batch, length, heads, head_dim).transpose(1, 2)  # (B, H, L, Dh)
-        if attn_mask is not None and attn_mask.dtype == torch.bool:  # True: leave out (nn.MultiheadAttention's rule)
-            attn_mask = torch.zeros_like(attn_mask, dtype=q.dtype).masked_fill(attn_mask, float("-inf"))
-        attn_mask = attn_mask.to(q.dtype) if attn_mask is not None else None
-        if torch.onnx.is_in_onnx_export():  # written out: the short ONNX graph (see export.towers)
-            k = k.reshape(batch, length, heads, head_dim).permute(0, 2, 3, 1)  # (B, H, Dh, L)
-            scores = (q * head_dim ** -0.5) @ k  # (B, H, L, L)
-            if attn_mask is not None:
-                scores = scores + attn_mask
-            out = scores.softmax(dim=-1) @ v  # (B, H, L, Dh)
+        if torch.onnx.is_in_onnx_export():  # written out: the short ONNX graph
+            out = written_out_attention(qkv, heads, head_dim, attn_mask)  # (B, L, H * Dh)
         else:  # fused kernels for training and eager inference, the same math
-            k = k.reshape(batch, length, heads, head_dim).transpose(1, 2)  # (B, H, L, Dh)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, H, L, Dh)
-        out = out.transpose(1, 2).reshape(batch, length, heads * head_dim)  # (B, L, H * Dh)
+            q, k, v = (t.reshape(batch, length, heads, head_dim).transpose(1, 2)
+                       for t in qkv.chunk(3, dim=-1))  # (B, H, L, Dh) each
+            mask = additive_mask(attn_mask, q.dtype) if attn_mask is not None else None
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, L, Dh)
+            out = out.transpose(1, 2).reshape(batch, length, heads * head_dim)  # (B, L, H * Dh)
         if head_mask is None:
             return self.out_proj(out)
         # learned gates during automatic inheritance, one per head: scaling a head's output is scaling its columns

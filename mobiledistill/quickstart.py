@@ -28,12 +28,13 @@ from distill.evaluate import evaluate_model, load_eval_data
 from distill.recipe import DistillConfig, LossWeights
 from distill.teacher_training import TeacherTrainConfig, train_teacher
 from distill.train import distill
-from export.bench import BenchConfig, bench_export
+from export.bench import BenchConfig, bench_export, latency_row
 from export.coreml import coreml_unavailable_reason
 from export.exporter import ExportConfig, export_model
 from mdcore.atomic import write_json_atomic, write_text_atomic
 from mdcore.errors import UserInputError
 from mdcore.jsonio import read_json_file
+from mdmodels.model_dir import is_model_dir
 from mdmodels.specs import load_model
 from mobiledistill.report import parameter_counts, render_report
 from reinforced_data.emoji import build_emoji_dataset
@@ -98,10 +99,6 @@ class _Stages:
         self.log(f"[{self.done}/{self.total}] {name}: {self.times[name]:.0f} s")
 
 
-def _is_model_dir(path: Path) -> bool:
-    return (path / "open_clip_config.json").is_file()
-
-
 def quickstart(out_dir: str | Path, config: QuickstartConfig | None = None, progress: bool = True,
                log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run (or finish) the quickstart in `out_dir`; writes and returns `summary.json`'s content."""
@@ -127,7 +124,7 @@ def quickstart(out_dir: str | Path, config: QuickstartConfig | None = None, prog
             ("md-teacher-m", config.teacher_m_steps, "teacher-m", config.batch_size, config.teacher_lr),
             ("md-teacher-s", config.teacher_s_steps, "teacher-s", config.batch_size, config.teacher_lr),
             ("md-coca-tiny", config.captioner_steps, "captioner", config.captioner_batch_size, config.captioner_lr)):
-        stages.run(f"train {name} ({arch}, {steps} steps of {batch})", _is_model_dir(out / name),
+        stages.run(f"train {name} ({arch}, {steps} steps of {batch})", is_model_dir(out / name),
                    lambda a=arch, s=steps, n=name, b=batch, r=lr: teacher(a, s, n, b, r), out / name)
 
     reinforced = out / "reinforced"
@@ -145,10 +142,10 @@ def quickstart(out_dir: str | Path, config: QuickstartConfig | None = None, prog
                            eval_every=config.eval_every, save_every=max(1, config.distill_steps // 4),
                            loss=LossWeights(w_clip=0.0, w_kd=1.0, w_feature=config.w_feature, reference_teacher=0))
     stages.run(f"distill {config.student} ({config.distill_steps} steps, KD, inheriting from teacher-m)",
-               _is_model_dir(student),
+               is_model_dir(student),
                lambda: distill(str(reinforced), student, recipe, resume=student.exists(), progress=progress,
                                command="mobiledistill quickstart"), student)
-    stages.run(f"baseline {config.student} ({config.distill_steps} steps, CLIP loss)", _is_model_dir(out / "baseline"),
+    stages.run(f"baseline {config.student} ({config.distill_steps} steps, CLIP loss)", is_model_dir(out / "baseline"),
                lambda: teacher(config.student, config.distill_steps, "baseline", config.batch_size, config.teacher_lr),
                out / "baseline")  # the teachers' recipe: CLIP loss on the raw images
 
@@ -216,10 +213,8 @@ def _export(model_dir: Path, target: Path, data: Path, full: bool, coreml: bool,
 def _image_latency(bench_path: Path) -> float | None:
     if not bench_path.is_file():
         return None
-    rows = [r for r in read_json_file(bench_path)["results"]
-            if r.get("runtime") == "onnxruntime" and r.get("tower") == "image" and r.get("precision") == "fp32"
-            and r.get("threads") == 1 and r.get("batch") == 1]
-    return rows[0]["median_ms"] if rows else None
+    row = latency_row(read_json_file(bench_path)["results"], "image")
+    return row["median_ms"] if row else None
 
 
 def _summary(out: Path, data: Path, splits: list[str], coreml_note: str | None, config: QuickstartConfig,

@@ -22,13 +22,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
-from export.bench import time_call
+from distill.curves import curves_figure
+from export.bench import eager_towers, latency_row, time_eager
 from export.files import preprocess_json
-from export.towers import ImageEncoder, TextEncoder, prepare_for_export
 from mdcore.atomic import write_text_atomic
 from mdcore.errors import UserInputError, first_line
 from mdcore.jsonio import read_json_file, read_jsonl_file
-from mdmodels.model_dir import read_provenance
+from mdmodels.model_dir import is_model_dir, read_provenance
 from mdmodels.specs import load_model
 
 __all__ = ["summarize_run", "write_report", "render_report", "pareto_front", "parameter_counts", "BENCH_LOCATIONS"]
@@ -41,7 +41,7 @@ def summarize_run(run_dir: str | Path, latency_runs: int = 20) -> dict[str, Any]
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserInputError(f"run directory not found: {run_dir}")
-    if not (run_dir / "open_clip_config.json").is_file():
+    if not is_model_dir(run_dir):
         raise UserInputError(f"{run_dir} is not a model directory: open_clip_config.json is missing")
     provenance = read_provenance(run_dir)
     evaluation = provenance.get("evaluation") or {}
@@ -86,34 +86,23 @@ def _latency(run_dir: Path, runs: int) -> dict[str, Any]:
                     isinstance(r, dict) and isinstance(r.get("median_ms"), int | float) and isinstance(
                         r.get("threads"), int) for r in rows):
                 raise UserInputError(f"{path} does not hold bench results (each with median_ms and threads)")
-            picked = {}
-            for tower in ("image", "text"):
-                candidates = [r for r in rows if r.get("runtime") == "onnxruntime" and r.get("tower") == tower
-                              and r.get("precision") == "fp32"]
-                if candidates:
-                    picked[tower] = max(candidates, key=lambda r: r["threads"] or 0)
-            if "image" in picked:
+            picked = {tower: latency_row(rows, tower) for tower in ("image", "text")}
+            if picked["image"] is not None:
                 return {"image_latency_ms": picked["image"]["median_ms"],
-                        "text_latency_ms": picked.get("text", {}).get("median_ms"),
+                        "text_latency_ms": (picked["text"] or {}).get("median_ms"),
                         "latency_source": f"onnxruntime fp32, {picked['image']['threads']} threads ({location})"}
     return _measure_eager(run_dir, runs)
 
 
 def _measure_eager(run_dir: Path, runs: int) -> dict[str, Any]:
     loaded = load_model(f"local-dir:{run_dir}")
-    model = prepare_for_export(loaded.model).model
+    towers = eager_towers(loaded)
     height, width = preprocess_json(loaded)["size"]
     image = torch.randn(1, 3, height, width)
     text = loaded.tokenizer(["a photo of a dog."]).to(torch.int32)
     threads = os.cpu_count() or 1
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        with torch.inference_mode():
-            image_ms = time_call(lambda: ImageEncoder(model)(image), runs, 5)["median_ms"]
-            text_ms = time_call(lambda: TextEncoder(model)(text), runs, 5)["median_ms"]
-    finally:
-        torch.set_num_threads(previous)
+    image_ms = time_eager(towers["image"], image, threads, runs, 5)["median_ms"]
+    text_ms = time_eager(towers["text"], text, threads, runs, 5)["median_ms"]
     return {"image_latency_ms": image_ms, "text_latency_ms": text_ms,
             "latency_source": f"torch eager, {threads} threads (measured by report, {runs} runs)"}
 
@@ -172,17 +161,9 @@ def _curves(run_dir: Path) -> str | None:
             and isinstance(r.get("loss"), int | float)]
     if not rows:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.legend()
-    fig.tight_layout()
+    fig = curves_figure(rows)
     encoded = _png_base64(fig)
     plt.close(fig)
     return encoded
@@ -205,7 +186,7 @@ def write_report(run_dirs: list[str | Path], out: str | Path, latency_runs: int 
         raise UserInputError("report needs at least one run directory")
     out = Path(out)
     for d in run_dirs:  # every input checked before any slow work
-        if not (Path(d) / "open_clip_config.json").is_file():
+        if not is_model_dir(d):
             raise UserInputError(f"run directory not found: {d}" if not Path(d).is_dir()
                                  else f"{d} is not a model directory: open_clip_config.json is missing")
     rows = [summarize_run(d, latency_runs) for d in tqdm(run_dirs, desc="report", disable=not progress, leave=False)]

@@ -28,7 +28,7 @@ from mdcore.errors import UserInputError
 from mdcore.locks import hold_directory, holds_nothing
 from mdcore.names import STAGES_RECIPE
 from mdcore.processes import process_state
-from mdmodels.model_dir import CONFIG_NAME, PROVENANCE_NAME, read_provenance
+from mdmodels.model_dir import CONFIG_NAME, PROVENANCE_NAME, is_model_dir, read_provenance
 
 __all__ = ["is_staged", "run_stages"]
 
@@ -38,10 +38,6 @@ def is_staged(config: DistillConfig) -> bool:
     return bool(config.stages) or config.prune.target_sparsity > 0
 
 
-def _finished(run_dir: Path) -> bool:
-    return (run_dir / CONFIG_NAME).is_file()
-
-
 def _run_stage(data: str, stage_dir: Path, config: DistillConfig, images: str | None, progress: bool,
                command: str) -> dict[str, Any]:
     """One stage: masked training then slicing (stage_dir/masked), then fine-tuning the sliced model (stage_dir)."""
@@ -49,14 +45,14 @@ def _run_stage(data: str, stage_dir: Path, config: DistillConfig, images: str | 
     masked_steps = min(config.steps, max(1, round(config.prune.prune_at * config.steps))) if pruning else 0
     if pruning:
         masked_dir = stage_dir / "masked"
-        if not _finished(masked_dir):
+        if not is_model_dir(masked_dir):
             distill(data, masked_dir, dataclasses.replace(config, steps=masked_steps), images=images, resume=True,
                     progress=progress, command=command)
         if masked_steps == config.steps:
             return {"masked_dir": masked_dir, "model_dir": masked_dir}
         config = dataclasses.replace(config, steps=config.steps - masked_steps, student_from=str(masked_dir),
                                      prune=PruneConfig())
-    if not _finished(stage_dir):
+    if not is_model_dir(stage_dir):
         distill(data, stage_dir, config, images=images, resume=True, progress=progress, command=command)
     return {"masked_dir": stage_dir / "masked" if pruning else None, "model_dir": stage_dir}
 
@@ -86,7 +82,7 @@ def run_stages(data: str, run_dir: str | Path, config: DistillConfig, images: st
     """Run every stage of `config` in order (one stage when it has none), reusing finished ones; `run_dir` ends as
     the last stage's model directory. Returns a summary like `distill`'s with the stages' records."""
     run_dir = Path(run_dir)
-    if _finished(run_dir):
+    if is_model_dir(run_dir):
         raise UserInputError(f"{run_dir} holds a finished run (delete it or pick another --out)")
     if not holds_nothing(run_dir) and not resume:
         raise UserInputError(f"{run_dir} is not empty: pass --resume to continue it, or pick another --out")

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from mdcore.errors import UserInputError
+from mdcore.threads import torch_threads
 from mdmodels.specs import LoadedModel, ModelSpec, load_model
 from teachers.coca_decoding import CachedCoCa
 
@@ -107,13 +108,8 @@ class Captioner(nn.Module):
             return [c for start in starts for c in caption_group(start)]
         # On a CPU, kernels also split their sums by the intra-op thread count, which differs between one process
         # and several sharing the cores: each group is decoded on one thread, groups in parallel.
-        workers = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            with ThreadPoolExecutor(workers) as pool:
-                return [c for group in pool.map(caption_group, starts) for c in group]
-        finally:
-            torch.set_num_threads(workers)
+        with torch_threads(1) as workers, ThreadPoolExecutor(workers) as pool:
+            return [c for group in pool.map(caption_group, starts) for c in group]
 
     @torch.no_grad()
     def decode(self, pixels: torch.Tensor, rows_per_image: int, generators: list[torch.Generator] | None,
