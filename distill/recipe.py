@@ -5,23 +5,16 @@ run directory, so a run can be repeated from what it wrote.
 """
 
 import copy
-import dataclasses
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import yaml
-
-from mdcore.configs import check_choice, check_range, check_types, matches_type, type_name
-from mdcore.errors import UserInputError, first_line
+from mdcore.configs import check_choice, check_range, check_types
+from mdcore.errors import UserInputError
+from mdcore.recipes import apply_mapping, apply_overrides, read_recipe_file, set_key
 from reinforced_data.examples import CaptionChoice
 
 __all__ = ["LossWeights", "PruneConfig", "DistillConfig", "load_recipe", "apply_overrides", "stage_config",
            "validate_recipe"]
-
-MAX_RECIPE_BYTES = 1024 * 1024
-
 
 @dataclass
 class LossWeights:
@@ -82,50 +75,6 @@ class DistillConfig:
     stages: list[dict] = field(default_factory=list)  # progressive runs: each entry overrides keys for one stage
 
 
-def _set(config: Any, dotted: str, value: Any) -> None:
-    *parents, leaf = dotted.split(".")
-    target = config
-    for name in parents:
-        if not dataclasses.is_dataclass(target) or not hasattr(target, name):
-            raise UserInputError(f"unknown recipe key {dotted!r}")
-        target = getattr(target, name)
-    fields = {f.name: f for f in dataclasses.fields(target)} if dataclasses.is_dataclass(target) else {}
-    if leaf not in fields:
-        raise UserInputError(f"unknown recipe key {dotted!r} (known: {', '.join(sorted(fields))})")
-    if dataclasses.is_dataclass(getattr(target, leaf)):
-        if not isinstance(value, dict):
-            raise UserInputError(f"recipe key {dotted!r} takes a mapping")
-        for key, sub in value.items():
-            _set(config, f"{dotted}.{key}", sub)
-        return
-    hint = typing.get_type_hints(type(target))[leaf]
-    if hint is float or float in typing.get_args(hint):  # a float key
-        if isinstance(value, str):  # YAML 1.1 reads `3e-4` (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-    if not matches_type(value, hint):
-        raise UserInputError(f"recipe key {dotted!r} takes {type_name(hint)}, got {value!r}")
-    setattr(target, leaf, value)
-
-
-def apply_overrides(config: DistillConfig, overrides: list[str]) -> DistillConfig:
-    """Apply `key=value` strings (nested keys dotted: `loss.w_kd=0.5`); values are read as YAML."""
-    for item in overrides:
-        if "=" not in item:
-            raise UserInputError(f"override {item!r} is not key=value")
-        key, value = item.split("=", 1)
-        try:
-            parsed = yaml.safe_load(value) if value.strip() else value
-        except yaml.YAMLError as e:
-            raise UserInputError(f"override {item!r}: the value is not valid YAML ({first_line(e)})") from e
-        _set(config, key.strip(), parsed)
-    return config
-
-
 def validate_recipe(config: DistillConfig) -> DistillConfig:
     """Every key's type (from the annotations) and range, checked before a run starts; returns `config`."""
     check_types(config)
@@ -162,21 +111,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> DistillCo
     """The recipe at `path` (or the defaults) with `overrides` applied."""
     config = DistillConfig()
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise UserInputError(f"recipe not found: {path}")
-        if path.stat().st_size > MAX_RECIPE_BYTES:
-            raise UserInputError(f"{path} is larger than {MAX_RECIPE_BYTES} bytes: not a recipe")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except UnicodeDecodeError as e:
-            raise UserInputError(f"{path} is not UTF-8 text") from e
-        except (yaml.YAMLError, RecursionError) as e:
-            raise UserInputError(f"{path} is not valid YAML: {first_line(e)}") from e
-        if not isinstance(data, dict):
-            raise UserInputError(f"{path} must hold a mapping of recipe keys")
-        for key, value in data.items():
-            _set(config, key, value)
+        apply_mapping(config, read_recipe_file(path))
     config = apply_overrides(config, list(overrides))
     validate_recipe(config)
     for index in range(len(config.stages)):  # a typo in a stage fails now, not hours later
@@ -194,5 +129,5 @@ def stage_config(config: DistillConfig, index: int) -> DistillConfig:
     for key, value in stage.items():
         if key == "stages":
             raise UserInputError("a stage cannot hold stages")
-        _set(resolved, key, value)
+        set_key(resolved, key, value)
     return resolved

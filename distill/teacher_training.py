@@ -24,13 +24,14 @@ from distill.loop import LoopConfig, lock_text_tower, make_optimizer, make_sched
 from mdcore.configs import check_choice, check_range, check_types
 from mdcore.errors import UserInputError
 from mdcore.processes import make_accelerator
+from mdcore.recipes import apply_mapping, apply_overrides, read_recipe_file
 from mdmodels.model_dir import save_model_dir
 from mdmodels.specs import LoadedModel, load_model
 from reinforced_data.examples import ImageTextSource, TransformExamples
 from reinforced_data.pipeline import ExampleStream, StreamTracker, default_num_workers, make_loader
 from reinforced_data.shards import resolve_shards
 
-__all__ = ["TeacherTrainConfig", "train_teacher"]
+__all__ = ["TeacherTrainConfig", "load_teacher_recipe", "train_teacher"]
 
 
 @dataclass
@@ -62,6 +63,16 @@ class TeacherTrainConfig:
         for name in ("weight_decay", "grad_clip", "clip_loss_weight", "caption_loss_weight"):
             check_range(name, getattr(self, name), 0)
         check_choice("mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))
+
+
+def load_teacher_recipe(path: str | Path | None, overrides: list[str] = ()) -> TeacherTrainConfig:
+    """The teacher-training recipe at `path` (or the defaults) with `key=value` overrides applied."""
+    config = TeacherTrainConfig()
+    if path is not None:
+        apply_mapping(config, read_recipe_file(path))
+    apply_overrides(config, list(overrides))
+    config.__post_init__()
+    return config
 
 
 class _LiTModel(nn.Module):

@@ -72,18 +72,22 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--arch", required=True,
                        help="model spec: ARCH trains from scratch; ARCH@TAG, hf-hub: or a model directory fine-tunes")
     train.add_argument("--out", required=True, help="model directory to write")
-    train.add_argument("--steps", type=int, default=1000)
-    train.add_argument("--batch-size", type=int, default=128)
-    train.add_argument("--lr", type=float, default=1e-3)
-    train.add_argument("--warmup-steps", type=int, default=100)
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--config", default=None,
+                       help="teacher-training recipe (YAML, or a shipped one's name: emoji-teacher); flags and "
+                            "key=value overrides win over it")
+    train.add_argument("--steps", type=int, default=None, help="default 1000")
+    train.add_argument("--batch-size", type=int, default=None, help="default 128")
+    train.add_argument("--lr", type=float, default=None, help="default 1e-3")
+    train.add_argument("--warmup-steps", type=int, default=None, help="default 100")
+    train.add_argument("--seed", type=int, default=None, help="default 0")
     train.add_argument("--split", default="train", help="split of a dataset root to train on")
     train.add_argument("--eval-split", default="test",
                        help="split of a dataset root to evaluate on afterwards ('none' skips it)")
     train.add_argument("--unlock-text", action="store_true", help="also train a pretrained Hugging Face text tower")
-    train.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
+    train.add_argument("--mixed-precision", default=None, choices=["no", "fp16", "bf16"], help="default no")
     train.add_argument("--num-workers", type=int, default=None, help=_WORKERS_HELP)
-    train.set_defaults(func="cmd_teachers_train", paths=_Paths(("data", "arch"), (("out", "--out"),)))
+    train.add_argument("overrides", nargs="*", help="recipe overrides, key=value (e.g. weight_decay=0.2)")
+    train.set_defaults(func="cmd_teachers_train", paths=_Paths(("data", "arch", "config"), (("out", "--out"),)))
 
     ev = commands.add_parser("eval", help="zero-shot classification and retrieval on a dataset root's split")
     ev.add_argument("--model", required=True, help="model spec")

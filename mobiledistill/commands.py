@@ -12,7 +12,7 @@ from pathlib import Path
 
 from distill.evaluate import evaluate_model
 from distill.recipe import load_recipe
-from distill.teacher_training import TeacherTrainConfig, train_teacher
+from distill.teacher_training import load_teacher_recipe, train_teacher
 from distill.train import distill
 from export.bench import BenchConfig, bench_export, format_bench_table
 from export.exporter import ExportConfig, export_model
@@ -21,7 +21,7 @@ from mdcore.configs import MAX_IMAGE_SIDE
 from mdcore.errors import UserInputError
 from mdcore.processes import process_state
 from mdmodels import list_architectures, load_model, model_config_of, parse_model_spec, update_provenance
-from mobiledistill.quickstart import QuickstartConfig, format_summary, quickstart
+from mobiledistill.quickstart import format_summary, load_quickstart_recipe, quickstart, shipped_recipe
 from mobiledistill.report import write_report
 from mobiledistill.stages import is_staged, run_stages
 from reinforced_data.augment import AugmentationConfig
@@ -71,11 +71,13 @@ def cmd_teachers_list(args: argparse.Namespace) -> int:
 
 
 def cmd_teachers_train(args: argparse.Namespace) -> int:
-    config = TeacherTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                                warmup_steps=args.warmup_steps, seed=args.seed, mixed_precision=args.mixed_precision,
-                                num_workers=args.num_workers)
+    overrides = [f"{key}={value}" for key, value in (
+        ("steps", args.steps), ("batch_size", args.batch_size), ("lr", args.lr), ("warmup_steps", args.warmup_steps),
+        ("seed", args.seed), ("mixed_precision", args.mixed_precision), ("num_workers", args.num_workers))
+        if value is not None]
     if args.unlock_text:
-        config.lock_text = False
+        overrides.append("lock_text=false")
+    config = load_teacher_recipe(shipped_recipe(args.config) if args.config else None, overrides + args.overrides)
     summary = train_teacher(args.arch, args.data, args.out, config, split=args.split,
                             provenance={"command": " ".join(sys.argv)})
     if not process_state().is_main_process:  # under several processes, the main one reports
@@ -177,7 +179,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
                        ("num_workers", args.num_workers)):
         if value is not None:
             overrides.append(f"{key}={value}")
-    config = load_recipe(args.config, overrides)
+    config = load_recipe(shipped_recipe(args.config) if args.config else None, overrides)
     args.paths.check(args, extra_inputs=(config.eval_data, config.student_from, config.inherit_from,
                                          *config.online_teachers))
     if args.online_teacher:
@@ -242,7 +244,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
 
-    config = QuickstartConfig.fast() if args.fast else QuickstartConfig()
+    config = load_quickstart_recipe(fast=args.fast)
     if args.distill_steps is not None and args.distill_steps <= 0:
         raise UserInputError("--distill-steps must be positive")
     changes = {"distill_steps": args.distill_steps, "seed": args.seed, "coreml": False if args.no_coreml else None}

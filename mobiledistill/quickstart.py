@@ -15,8 +15,10 @@ directory to redo it; an interrupted distillation resumes from its last checkpoi
 7. `summary.json`, `report.html` and a table on stdout.
 """
 
+import dataclasses
 import html
 import time
+import typing
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,58 +28,96 @@ from tqdm import tqdm
 
 from distill.evaluate import evaluate_model, load_eval_data
 from distill.recipe import DistillConfig, LossWeights
-from distill.teacher_training import TeacherTrainConfig, train_teacher
+from distill.teacher_training import load_teacher_recipe, train_teacher
 from distill.train import distill
 from export.bench import BenchConfig, bench_export, latency_row
 from export.coreml import coreml_unavailable_reason
 from export.exporter import ExportConfig, export_model
 from mdcore.atomic import write_json_atomic, write_text_atomic
+from mdcore.configs import check_range, check_types
 from mdcore.errors import UserInputError
 from mdcore.jsonio import read_json_file
+from mdcore.recipes import read_recipe_file
 from mdmodels.model_dir import is_model_dir
 from mdmodels.specs import load_model
 from mobiledistill.report import parameter_counts, render_report
 from reinforced_data.emoji import build_emoji_dataset
 from teachers.reinforce import ReinforceConfig, reinforce
 
-__all__ = ["QuickstartConfig", "quickstart", "format_summary"]
+__all__ = ["QuickstartConfig", "load_quickstart_recipe", "shipped_recipe", "quickstart", "format_summary"]
 
 ROLES = {"teacher-m": "teacher", "teacher-s": "teacher", "student": "student", "baseline": "baseline"}
 
 
+RECIPES = Path(__file__).parent / "recipes"  # shipped with the package; `recipes/` in a checkout
+
+
+def shipped_recipe(name: str | Path) -> Path:
+    """A recipe path, or the name of one shipped in mobiledistill/recipes (`emoji-kd`, `emoji-kd.yaml`)."""
+    path = Path(name)
+    if path.is_file() or path.parent != Path("."):
+        return path
+    shipped = RECIPES / (path.name if path.suffix == ".yaml" else f"{path.name}.yaml")
+    return shipped if shipped.is_file() else path
+
+
 @dataclass
 class QuickstartConfig:
-    """Sizes of every stage. The defaults are the full run (14 minutes on 2 cores); `fast()` is a smoke run."""
+    """The size of every stage: recipes/quickstart.yaml (`load_quickstart_recipe`); its comments say what each is."""
 
-    limit: int | None = None  # emoji subset (None: all 3944)
-    batch_size: int = 128
-    teacher_m_steps: int = 90
-    teacher_s_steps: int = 45
-    teacher_lr: float = 1e-3  # also the baseline's: it is trained like the teachers
-    captioner_steps: int = 30
-    captioner_batch_size: int = 64  # its loss over a 49408-word vocabulary makes a captioner step the costliest
-    captioner_lr: float = 3e-3  # at 1e-3 its 30 steps leave the vocabulary flat: word salad, and wide nuclei that
-    #                             make sampling 1.6x slower
-    num_augs: int = 2
-    num_captions: int = 1
-    caption_max_len: int = 12
-    student: str = "md-student-tiny"
-    distill_steps: int = 150
-    lr: float = 2e-3  # student top-1 here: 14.4% and 5.7% at 1e-3 (seeds 0, 1); 16.7, 21.5, 15.6% at 2e-3 (0-2)
-    # CLIP-KD feature distillation towards teacher-m (projected from 128 to 256 dimensions). Over seeds 0-2 the
-    # student's top-1 was 21.3/12.2/13.2% without it, 17.5/16.1/19.1% at 1000, 21.3/15.9/18.7% at 4000.
-    w_feature: float = 4000.0
-    eval_every: int = 0
-    bench_runs: int = 50
-    coreml: bool = True
-    seed: int = 0
+    limit: int | None
+    teacher_recipe: str
+    batch_size: int
+    teacher_m_steps: int
+    teacher_s_steps: int
+    teacher_lr: float
+    captioner_steps: int
+    captioner_batch_size: int
+    captioner_lr: float
+    num_augs: int
+    num_captions: int
+    caption_max_len: int
+    student: str
+    distill_steps: int
+    lr: float
+    w_feature: float
+    eval_every: int
+    bench_runs: int
+    coreml: bool
+    seed: int
 
-    @classmethod
-    def fast(cls) -> "QuickstartConfig":
-        """Every stage at toy size: checks the pipeline end to end in a few minutes, not the accuracy."""
-        return cls(limit=300, batch_size=32, teacher_m_steps=12, teacher_s_steps=8, captioner_steps=6,
-                   captioner_batch_size=16, num_augs=2,
-                   num_captions=1, distill_steps=12, bench_runs=10)
+    def __post_init__(self):
+        check_types(self)
+        for name in ("batch_size", "teacher_m_steps", "teacher_s_steps", "captioner_steps", "captioner_batch_size",
+                     "num_augs", "distill_steps", "bench_runs"):
+            check_range(name, getattr(self, name), 1)
+        for name in ("num_captions", "eval_every", "caption_max_len", "seed"):
+            check_range(name, getattr(self, name), 0)
+        check_range("limit", self.limit, 1)
+
+
+def load_quickstart_recipe(path: str | Path = "quickstart", fast: bool = False) -> QuickstartConfig:
+    """The quickstart recipe at `path` (default: the shipped one), with its `fast` keys applied when asked."""
+    data = read_recipe_file(shipped_recipe(path))
+    fast_keys = data.pop("fast", {})
+    if not isinstance(fast_keys, dict):
+        raise UserInputError(f"{path}: `fast` must be a mapping of quickstart keys")
+    fields = {f.name for f in dataclasses.fields(QuickstartConfig)}
+    unknown = sorted(set(data) - fields) + sorted(set(fast_keys) - fields)
+    missing = sorted(fields - set(data))
+    if unknown or missing:
+        raise UserInputError(f"{path}: " + "; ".join(
+            ([f"unknown quickstart keys: {', '.join(unknown)}"] if unknown else [])
+            + ([f"missing quickstart keys: {', '.join(missing)}"] if missing else [])))
+    if fast:
+        data.update(fast_keys)
+    for name, hint in typing.get_type_hints(QuickstartConfig).items():  # YAML reads 1000 as an int, 2e-3 as a str
+        if hint is float and isinstance(data[name], int | str) and not isinstance(data[name], bool):
+            try:
+                data[name] = float(data[name])
+            except ValueError:
+                pass
+    return QuickstartConfig(**data)
 
 
 class _Stages:
@@ -102,7 +142,7 @@ class _Stages:
 def quickstart(out_dir: str | Path, config: QuickstartConfig | None = None, progress: bool = True,
                log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run (or finish) the quickstart in `out_dir`; writes and returns `summary.json`'s content."""
-    config = config or QuickstartConfig()
+    config = config or load_quickstart_recipe()
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise UserInputError(f"{out} exists and is not a directory")
@@ -114,11 +154,11 @@ def quickstart(out_dir: str | Path, config: QuickstartConfig | None = None, prog
                lambda: build_emoji_dataset(data, limit=config.limit, seed=config.seed, progress=progress), data)
 
     def teacher(arch: str, steps: int, name: str, batch_size: int, lr: float) -> None:
-        warmup = max(1, min(100, steps // 4))
-        train_teacher(arch, str(data), out / name,
-                      TeacherTrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup,
-                                         seed=config.seed),
-                      progress=progress, provenance={"command": "mobiledistill quickstart", "stage": name})
+        recipe = load_teacher_recipe(shipped_recipe(config.teacher_recipe), [
+            f"steps={steps}", f"batch_size={batch_size}", f"lr={lr}", f"warmup_steps={max(1, min(100, steps // 4))}",
+            f"seed={config.seed}"])
+        train_teacher(arch, str(data), out / name, recipe, progress=progress,
+                      provenance={"command": "mobiledistill quickstart", "stage": name})
 
     for arch, steps, name, batch, lr in (
             ("md-teacher-m", config.teacher_m_steps, "teacher-m", config.batch_size, config.teacher_lr),

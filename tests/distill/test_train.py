@@ -11,8 +11,10 @@ import pytest
 import torch
 
 from distill.recipe import DistillConfig, load_recipe
+from distill.teacher_training import TeacherTrainConfig, load_teacher_recipe
 from distill.train import distill
 from mdcore.errors import UserInputError
+from mobiledistill.quickstart import load_quickstart_recipe, shipped_recipe
 from reinforced_data.augment import AugmentationConfig
 from teachers.reinforce import ReinforceConfig, reinforce
 from tests.conftest import write_shapes_root
@@ -22,9 +24,33 @@ REPO = Path(__file__).parents[2]
 
 @pytest.mark.parametrize("recipe", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_recipe_loads_and_says_what_it_is_for(recipe):
-    config = load_recipe(recipe)
-    assert isinstance(config, DistillConfig) and config.steps > 0
+    """Distillation recipes, teacher-training recipes (`*-teacher*.yaml`) and the quickstart's, each by its loader."""
+    if recipe.name == "quickstart.yaml":
+        full, fast = load_quickstart_recipe(recipe), load_quickstart_recipe(recipe, fast=True)
+        assert full.limit is None and fast.limit and fast.distill_steps < full.distill_steps
+        assert load_teacher_recipe(shipped_recipe(full.teacher_recipe)).steps > 0
+    elif "-teacher" in recipe.stem:
+        config = load_teacher_recipe(recipe)
+        assert isinstance(config, TeacherTrainConfig) and config.steps > 0
+    else:
+        config = load_recipe(recipe)
+        assert isinstance(config, DistillConfig) and config.steps > 0
     assert recipe.read_text().startswith("#")  # a header comment: what it is for, how long it runs
+
+
+def test_recipes_name_their_keys_and_types(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("# a typo\nstpes: 10\n")
+    with pytest.raises(UserInputError, match="unknown recipe key 'stpes'"):
+        load_teacher_recipe(bad)
+    bad.write_text("# a wrong type\nsteps: many\n")
+    with pytest.raises(UserInputError, match="steps"):
+        load_teacher_recipe(bad)
+    assert load_teacher_recipe(None, ["steps=7", "lr=3e-4"]).lr == pytest.approx(3e-4)
+    quick = tmp_path / "quick.yaml"
+    quick.write_text((REPO / "recipes" / "quickstart.yaml").read_text().replace("bench_runs: 50", "bench_run: 50"))
+    with pytest.raises(UserInputError, match="unknown quickstart keys: bench_run; missing quickstart keys: bench_runs"):
+        load_quickstart_recipe(quick)
 
 
 @pytest.fixture(scope="module")
