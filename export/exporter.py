@@ -22,11 +22,13 @@ import json
 import platform
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import open_clip
 import torch
 from tqdm import tqdm
 
@@ -455,14 +457,24 @@ def _phone_entry(path: Path, tower: _Tower, precision: str, metrics: dict[str, f
     return entry
 
 
+class _RunText:
+    """What `open_clip.build_zero_shot_classifier` calls (`encode_text`), for a text tower run by a function of
+    int32 token ids: an exported file in its runtime, or the eager tower."""
+
+    def __init__(self, run: Callable[[np.ndarray], np.ndarray]):
+        self.run = run
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        out = torch.from_numpy(np.asarray(self.run(tokens.to(torch.int32).numpy()), dtype=np.float32))  # (N, D)
+        return torch.nn.functional.normalize(out, dim=-1) if normalize else out
+
+
 def _zero_shot(loaded: LoadedModel, directory: Path, towers: dict, files: dict[str, dict[str, Any]],
                config: ExportConfig) -> dict[str, Any] | None:
     """Zero-shot top-1 on the dataset split (CLIP_benchmark's protocol) of the eager towers and of every image /
     text file pair of one format and precision, each run in its own runtime; a pair more than
     `zeroshot_max_drop` points below eager fails the export."""
     data = load_eval_data(config.data, config.split)
-    prompts = [t.format(c=c) for c in data.classnames for t in data.templates]
-    prompt_tokens = loaded.tokenizer(prompts).to(torch.int32)  # (C * T, L)
     pairs = {}  # (format, precision) -> (image runner, text runner)
     for name, entry in files.items():
         if entry["tower"] == "image" and entry["format"] in config.formats and entry["format"] != "coreml":
@@ -470,16 +482,18 @@ def _zero_shot(loaded: LoadedModel, directory: Path, towers: dict, files: dict[s
             if text_name in files:
                 pairs[(entry["format"], entry["precision"])] = (name, text_name)
 
-    def classifier(text_embeddings: np.ndarray) -> torch.Tensor:
-        per_prompt = torch.from_numpy(np.asarray(text_embeddings, dtype=np.float32))
-        weights = per_prompt.view(len(data.classnames), len(data.templates), -1).mean(dim=1)  # (C, D)
-        return torch.nn.functional.normalize(weights, dim=-1)
+    def classifier(run_text: Callable[[np.ndarray], np.ndarray]) -> torch.Tensor:
+        """open_clip's template-ensembled classifier (D, C), its text tower run by `run_text` (token ids -> D)."""
+        return open_clip.build_zero_shot_classifier(
+            _RunText(run_text), loaded.tokenizer, data.classnames,
+            templates=[lambda c, t=t: t.format(c=c) for t in data.templates],  # CLIP_benchmark's `{c}` placeholders
+            num_classes_per_batch=None)  # every prompt in one batch, as each runtime takes it
 
     with torch.no_grad():
-        classifiers = {"eager": classifier(towers["text"].module(prompt_tokens).numpy())}
+        classifiers = {"eager": classifier(lambda ids: towers["text"].module(torch.from_numpy(ids)).numpy())}
     image_runners = {}
     for key, (image_name, text_name) in pairs.items():
-        classifiers[key] = classifier(open_runner(directory / text_name)(prompt_tokens.numpy()))
+        classifiers[key] = classifier(open_runner(directory / text_name))
         image_runners[key] = open_runner(directory / image_name)
     logits: dict[Any, list[torch.Tensor]] = {key: [] for key in classifiers}
     labels = []
@@ -489,9 +503,9 @@ def _zero_shot(loaded: LoadedModel, directory: Path, towers: dict, files: dict[s
             continue
         x = image_inputs(loaded, [im for im, k in zip(images, keep) if k], config.image_input == "uint8")
         with torch.no_grad():
-            logits["eager"].append(towers["image"].module(x) @ classifiers["eager"].T)
+            logits["eager"].append(towers["image"].module(x) @ classifiers["eager"])
         for key, runner in image_runners.items():
-            logits[key].append(torch.from_numpy(runner(x.numpy())) @ classifiers[key].T)
+            logits[key].append(torch.from_numpy(runner(x.numpy())) @ classifiers[key])
         labels.append(batch_labels[keep])
     if not labels:
         return None

@@ -10,6 +10,7 @@ import onnx
 import pytest
 import torch
 
+from distill.evaluate import evaluate_model
 from export import ExportConfig, ExportError, export_loaded_model, export_model
 from export.coreml import coreml_unavailable_reason
 from export.smoothing import SMOOTHING_ALPHAS
@@ -94,6 +95,9 @@ def test_int8_parity_and_zero_shot_change_on_a_dataset(student_export, tiny_mode
     zeroshot = with_data["zeroshot"]
     assert zeroshot["num_classes"] == 3 and 0 <= zeroshot["fp32_top1"] <= 1 and 0 <= zeroshot["int8_top1"] <= 1
     assert zeroshot["top1_change_points"] == pytest.approx(100 * (zeroshot["int8_top1"] - zeroshot["fp32_top1"]))
+    # the eager towers' zero-shot is `eval`'s (the same open_clip classifier and protocol)
+    evaluated = evaluate_model(load_model(str(tiny_model_dirs["teacher_b"])), shapes_root, "test", progress=False)
+    assert zeroshot["eager_top1"] == pytest.approx(evaluated["zeroshot"]["top1"])
 
 
 def test_onnx_outputs_match_eager_open_clip(student_export, tiny_model_dirs):
