@@ -15,38 +15,30 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from timm.optim import param_groups_weight_decay
 from torch import nn
 from tqdm import tqdm
 
 from mdcore.errors import UserInputError
 
-__all__ = ["cosine_with_warmup", "param_groups_for_weight_decay", "make_optimizer", "make_schedule", "optimizer_step",
+__all__ = ["cosine_with_warmup", "make_optimizer", "make_schedule", "optimizer_step",
            "LockedTextCache", "is_hf_text", "lock_text_tower", "usable_batches", "LoopConfig", "train_loop"]
 
 
 def cosine_with_warmup(step: int, total_steps: int, warmup_steps: int) -> float:
-    """LR multiplier: linear warm-up from 1/warmup to 1, then cosine decay to 0 at `total_steps`."""
+    """LR multiplier: linear warm-up from 1/warmup to 1, then cosine decay to 0 at `total_steps`. (transformers'
+    `get_cosine_schedule_with_warmup` is the same curve a step later: its warm-up starts at 0, so its first update
+    does nothing; this one keeps every recorded run and figure as it was.)"""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def param_groups_for_weight_decay(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """open_clip's convention: no decay on gains, biases, norms, embeddings' scalars and the logit scale."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        exclude = p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
-        (no_decay if exclude else decay).append(p)
-    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
-
-
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float, extra: Iterable[nn.Module] = ()
                    ) -> torch.optim.AdamW:
     """AdamW with CLIP's betas and epsilon over `model`'s decay groups; `extra` modules (a projection) undecayed."""
-    groups = param_groups_for_weight_decay(model, weight_decay)
+    groups = param_groups_weight_decay(model, weight_decay)  # timm's: no decay on 1-D gains, biases, the logit scale
     for module in extra:
         groups.append({"params": list(module.parameters()), "weight_decay": 0.0})
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6)
