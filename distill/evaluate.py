@@ -25,6 +25,7 @@ from mdmodels.specs import LoadedModel
 from reinforced_data.shards import SkipLog, iter_image_text, read_lines, resolve_shards
 
 __all__ = [
+    "EvalBatch",
     "EvalData",
     "load_eval_data",
     "zero_shot_metrics",
@@ -46,8 +47,8 @@ class EvalData:
     skips: SkipLog = field(default_factory=SkipLog)  # filled by the first complete pass
     _counted: bool = False
 
-    def batches(self, batch_size: int) -> Iterator[tuple[list, list[str], torch.Tensor]]:
-        """(PIL images, captions, labels (B,) with -1 where a sample has no class) of `batch_size` samples."""
+    def batches(self, batch_size: int) -> Iterator["EvalBatch"]:
+        """The split in batches of `batch_size` samples."""
         skips = SkipLog() if self._counted else self.skips
         batch: list = []
         for sample in iter_image_text(self.urls, skips):
@@ -63,9 +64,16 @@ class EvalData:
         self._counted = True
 
 
-def _columns(samples: list) -> tuple[list, list[str], torch.Tensor]:
+@dataclass
+class EvalBatch:
+    images: list  # PIL images
+    captions: list[str]
+    labels: torch.Tensor  # (B,) class indices, -1 where a sample has no class
+
+
+def _columns(samples: list) -> EvalBatch:
     labels = torch.tensor([-1 if s.label is None else s.label for s in samples], dtype=torch.long)
-    return [s.image for s in samples], [s.caption for s in samples], labels
+    return EvalBatch([s.image for s in samples], [s.caption for s in samples], labels)
 
 
 def load_eval_data(data_root: str | Path, split: str = "test") -> EvalData:
@@ -123,13 +131,12 @@ def encode_eval_data(loaded: LoadedModel, data: EvalData, batch_size: int = 256,
     model = loaded.model.eval()
     device = next(model.parameters()).device
     image_features, text_features, labels = [], [], []
-    for images, captions, batch_labels in tqdm(data.batches(batch_size), desc="eval", disable=not progress,
-                                               leave=False):
-        batch = torch.stack([loaded.preprocess(im) for im in images]).to(device)
-        image_features.append(F.normalize(model.encode_image(batch).float(), dim=-1).cpu())
-        tokens = loaded.tokenizer(captions).to(device)
+    for batch in tqdm(data.batches(batch_size), desc="eval", disable=not progress, leave=False):
+        pixels = torch.stack([loaded.preprocess(im) for im in batch.images]).to(device)
+        image_features.append(F.normalize(model.encode_image(pixels).float(), dim=-1).cpu())
+        tokens = loaded.tokenizer(batch.captions).to(device)
         text_features.append(F.normalize(model.encode_text(tokens).float(), dim=-1).cpu())
-        labels.append(batch_labels)
+        labels.append(batch.labels)
     if not image_features:
         raise UserInputError(f"no usable samples in {data.root / data.split} ({data.skips.summary()})")
     classifier = open_clip.build_zero_shot_classifier(

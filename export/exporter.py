@@ -497,16 +497,16 @@ def _zero_shot(loaded: LoadedModel, directory: Path, towers: dict, files: dict[s
         image_runners[key] = open_runner(directory / image_name)
     logits: dict[Any, list[torch.Tensor]] = {key: [] for key in classifiers}
     labels = []
-    for images, _, batch_labels in data.batches(64):
-        keep = batch_labels >= 0
+    for batch in data.batches(64):
+        keep = batch.labels >= 0
         if not keep.any():
             continue
-        x = image_inputs(loaded, [im for im, k in zip(images, keep) if k], config.image_input == "uint8")
+        x = image_inputs(loaded, [im for im, k in zip(batch.images, keep) if k], config.image_input == "uint8")
         with torch.no_grad():
             logits["eager"].append(towers["image"].module(x) @ classifiers["eager"])
         for key, runner in image_runners.items():
             logits[key].append(torch.from_numpy(runner(x.numpy())) @ classifiers[key])
-        labels.append(batch_labels[keep])
+        labels.append(batch.labels[keep])
     if not labels:
         return None
     labels = torch.cat(labels)
