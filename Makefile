@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 DEMO_DIR ?= demo
 
-.PHONY: install test test-fast demo lint clean
+.PHONY: install test demo lint clean
 
 install: $(VENV)/.installed
 

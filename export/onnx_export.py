@@ -5,10 +5,9 @@ checked with `onnx.checker` and then run in onnxruntime against the eager model 
 
 One rewrite follows the export (`sum_before_layer_norm`): an `Add` whose only reader is a `LayerNormalization`
 becomes the equivalent `Sum`. onnxruntime's CPU provider otherwise fuses the pair into its contrib
-`SkipLayerNormalization`, whose kernel is a scalar loop with a division per element: 80 us against 16 us for `Add`
-plus the vectorized `LayerNormalization` on 32 x 384 values, 234 us against 33 us on 50 x 768 (onnxruntime 1.32,
-one thread). BERT-style post-norm text towers have one such pair per sublayer; pre-norm towers have one, before
-the final norm.
+`SkipLayerNormalization`, whose kernel is a scalar loop with a division per element, several times slower than
+`Add` plus the vectorized `LayerNormalization` (docs/BENCHMARKS.md, "Export"). BERT-style post-norm text towers
+have one such pair per sublayer; pre-norm towers have one, before the final norm.
 """
 
 import logging

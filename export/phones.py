@@ -14,8 +14,8 @@ each runtime's XNNPACK leaves outside, found on md-student-tiny's towers:
 - ExecuTorch 1.5 delegates no layer norm and no reduction over the last axis (sum, mean), and lowers a 4-D matrix
   product to an `expand_copy` of each operand before a 3-D one. So layer norms compute their mean and variance as a
   fully connected layer against a constant averaging row, the L2 norm sums its squares the same way, and attention
-  multiplies (B * heads, L, d) batches and slices Q, K, V apart instead of splitting them. Image tower: 36 nodes
-  outside to 2, 0.84 to 0.66 ms at one thread; text tower: 31 to 5 (the token lookup, the end-of-text argmax).
+  multiplies (B * heads, L, d) batches and slices Q, K, V apart instead of splitting them (what stays outside,
+  before and after: docs/BENCHMARKS.md, "Phones").
   timm's attention (MobileCLIP's FastViT stages) is switched from `scaled_dot_product_attention`, whose exported
   form guards all-masked rows with `any` / `eq` / `where` outside XNNPACK, to its written-out softmax.
 - LiteRT delegates all of that but the `POW` of `F.normalize`: the L2 norm multiplies instead (1 node to 0).

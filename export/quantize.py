@@ -8,9 +8,9 @@ Convolutional towers (MobileCLIP's MCi / FastViT) get static QDQ quantization: i
 activation ranges calibrated on real images, the format mobile runtimes (NNAPI, XNNPACK, CoreML's ONNX importers)
 accelerate.
 
-Static QDQ leaves grouped (depthwise) convolutions in float: onnxruntime's int8 kernels for them run about 4.5x
-slower than its float ones on an AVX-512 CPU (MobileCLIP2-S0 at 256 px: 21.3 ms against 4.7 ms for its 44 of them),
-and they hold a tiny share of the weights. The node that feeds each of them (in MobileCLIP, a residual add) stays
+Static QDQ leaves grouped (depthwise) convolutions in float: onnxruntime's int8 kernels for them run several
+times slower than its float ones on an AVX-512 CPU (measured in docs/BENCHMARKS.md, "Export"), and they hold a
+tiny share of the weights. The node that feeds each of them (in MobileCLIP, a residual add) stays
 float too: a quantized output puts a DequantizeLinear in front of the convolution, and onnxruntime's own
 WeightBiasQuantization pass then quantizes that convolution's float weight itself and runs the slow kernel anyway.
 """
