@@ -38,7 +38,10 @@ def test_cross_attention_and_returned_weights_take_the_original_path():
                                    reference(q, kv, kv, need_weights=False)[0])
         x = torch.randn(2, 5, 32)
         out, weights = rewritten(x, x, x)  # need_weights defaults to True
+        expected_out, expected_weights = reference(x, x, x)
+    torch.testing.assert_close(out, expected_out)
     assert weights is not None and weights.shape == (2, 5, 5)
+    torch.testing.assert_close(weights, expected_weights)
 
 
 def test_prepare_for_export_leaves_the_callers_model_alone():

@@ -26,9 +26,22 @@ def test_ensemble_shapes_and_normalization(ensemble):
         assert torch.allclose(part.norm(dim=-1), torch.ones(len(part)), atol=1e-5)
 
 
-def test_tensor_path_matches_each_teachers_own_size(ensemble):
-    images = torch.rand(2, 3, 96, 96)  # any size: each teacher resizes to its own
-    assert ensemble.encode_image_tensors(images).shape == (2, 256)
+def test_tensor_path_matches_each_teachers_own_preprocessing(ensemble):
+    """Float views at a teacher's size embed as its PIL path does (resize, crop, normalize); views of another size
+    are first resized to it, as torchvision's resize does."""
+    import torchvision.transforms.functional as TF
+
+    pictures = [draw_shape("red", "circle", 64), draw_shape("blue", "square", 64, offset=6)]
+    views = torch.stack([TF.to_tensor(p) for p in pictures])  # (2, 3, 64, 64) in [0, 1]
+    assert all(t.image_size == (64, 64) for t in ensemble.teachers)
+    torch.testing.assert_close(ensemble.encode_image_tensors(views), ensemble.encode_images(pictures),
+                               atol=1e-5, rtol=1e-5)
+    large = torch.rand(2, 3, 96, 96)
+    for teacher in ensemble.teachers:
+        mode = TF.InterpolationMode(teacher.interpolation)
+        resized = TF.resize(large, [64, 64], interpolation=mode, antialias=True).clamp(0, 1)
+        torch.testing.assert_close(teacher.encode_image_tensors(large), teacher.encode_image_tensors(resized),
+                                   atol=1e-5, rtol=1e-5)
 
 
 def test_teachers_are_frozen_and_stay_in_eval_mode(ensemble):
