@@ -18,6 +18,7 @@ from typing import Any
 import open_clip
 import torch
 import torch.nn.functional as F
+from accelerate.utils import set_seed
 from torch import nn
 
 from distill.loop import LoopConfig, lock_text_tower, make_optimizer, make_schedule, train_loop, usable_batches
@@ -99,8 +100,6 @@ def train_teacher(
     provenance: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train `model_spec` (an architecture, or a model to fine-tune) on `data` and write a model directory."""
-    from accelerate.utils import set_seed
-
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise UserInputError(f"{out_dir} already exists (delete it or pick another --out)")

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 import yaml
+from accelerate.utils import gather_object, set_seed
 from torch import nn
 
 from distill.checkpoint import (
@@ -215,8 +216,6 @@ def distill(data: str, run_dir: str | Path, config: DistillConfig, images: str |
 
 def _distill(data: str, run_dir: Path, config: DistillConfig, images: str | None, resume: bool, progress: bool,
              command: str) -> dict[str, Any]:
-    from accelerate.utils import gather_object, set_seed
-
     checkpoint = _resume_point(run_dir, config.steps) if resume else None
     if config.student_from and config.inherit_from:
         raise UserInputError("give either student_from (a copy of a model) or inherit_from (a slice into --student)")

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 from export.exporter import REPORT_NAME
@@ -204,7 +205,6 @@ def latency_row(rows: list[dict[str, Any]], tower: str) -> dict[str, Any] | None
 def _bench_coreml(directory: Path, inputs: dict[str, np.ndarray], config: BenchConfig) -> list[dict[str, Any]]:
     """CoreML predictions per compute unit (macOS only)."""
     import coremltools as ct
-    from PIL import Image
 
     rows = []
     for path in sorted(directory.glob("*_encoder.mlpackage")):

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch._decomp import get_decompositions
 
 from export.parity import ExportError
 
@@ -40,8 +41,6 @@ def _coremltools():
 def _coreml_decompositions() -> dict:
     """The few ATen ops coremltools' torch.export frontend lacks, rewritten into ones it has. Hugging Face text
     towers (e.g. all-MiniLM-L6-v2) build their attention masks with `new_ones` and a boolean `&`."""
-    from torch._decomp import get_decompositions
-
     aten = torch.ops.aten
     table = get_decompositions([aten.new_ones, aten.new_zeros, aten.new_full, aten.new_empty])
     table[aten.__and__.Tensor] = _and

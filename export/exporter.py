@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import open_clip
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 from distill.evaluate import load_eval_data, zero_shot_metrics
@@ -289,6 +290,7 @@ class _Tower:
     input_name: str
     output_name: str
     eager: np.ndarray | None = None
+    phone_modules: dict[str, torch.nn.Module] = field(default_factory=dict)  # per format (`_phone_module`)
 
     def file_name(self, fmt: str, precision: str = "fp32") -> str:
         return f"{self.name}_encoder{'.int8' if precision == 'int8' else ''}{SUFFIX_OF_FORMAT[fmt]}"
@@ -379,7 +381,7 @@ def _quantize_tower(tower: _Tower, directory: Path, calibration: torch.Tensor, b
         fallback_from = {"method": method, "reason": str(e)}
         method = "dynamic"
         outcome = quantize_within_bound(fp32_path, int8_path, method, min_cosine_of, bound.min_cosine, batches,
-                                        tower.input_name, progress, op_types=["MatMul", "Gemm", "Attention"])
+                                        tower.input_name, progress, weight_products_only=True)
     session = onnx_session(int8_path)
     metrics = _onnx_metrics(session, tower, run_onnx)
     check_parity(tower.int8_name, metrics, bound)
@@ -402,12 +404,15 @@ def _phone_file(tower: _Tower, fmt: str, directory: Path, bound: ParityBound) ->
 
 
 def _phone_module(tower: _Tower, fmt: str) -> torch.nn.Module:
-    """The tower rewritten for `fmt`'s XNNPACK (export.phones.for_xnnpack); LiteRT's converter also takes the
-    end-of-text argmax on int32 ids only."""
-    module = tower.module
-    if tower.name == "text" and fmt == "litert":
-        module = TextEncoder(module.model, int32_ids=True)
-    return for_xnnpack(module, fmt, int(tower.eager.shape[1]))
+    """The tower rewritten for `fmt`'s XNNPACK (export.phones.for_xnnpack), made once per format and shared by its
+    fp32 file and every int8 attempt (the converters read the module, never change it); LiteRT's converter also
+    takes the end-of-text argmax on int32 ids only."""
+    if fmt not in tower.phone_modules:
+        module = tower.module
+        if tower.name == "text" and fmt == "litert":
+            module = TextEncoder(module.model, int32_ids=True)
+        tower.phone_modules[fmt] = for_xnnpack(module, fmt, int(tower.eager.shape[1]))
+    return tower.phone_modules[fmt]
 
 
 def _phone_int8_file(tower: _Tower, fmt: str, directory: Path, calibration: torch.Tensor, bound: ParityBound
@@ -591,8 +596,6 @@ def _fp16_text_cosine(tower: _Tower) -> float:
 
 
 def _center_crop(image, height: int, width: int):
-    from PIL import Image
-
     scale = max(height / image.height, width / image.width)
     image = image.convert("RGB").resize((round(image.width * scale), round(image.height * scale)), Image.BICUBIC)
     left, top = (image.width - width) // 2, (image.height - height) // 2

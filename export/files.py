@@ -4,6 +4,7 @@ import json
 from typing import Any
 
 import torch
+from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
 
 from mdmodels.specs import LoadedModel
 
@@ -47,8 +48,6 @@ def tokenizer_json(loaded: LoadedModel) -> dict[str, Any]:
     CLIP BPE tokenizers (open_clip's SimpleTokenizer) are written out in full: the byte-level vocabulary, the merge
     list in rank order and the special tokens. Hugging Face tokenizers are embedded as their own tokenizer.json.
     """
-    from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
-
     tokenizer = loaded.tokenizer
     context_length = int(getattr(tokenizer, "context_length", None) or loaded.model_cfg["text_cfg"]["context_length"])
     result: dict[str, Any] = {"context_length": context_length, "input_name": "text", "dtype": "int32"}

@@ -26,7 +26,6 @@ with a nonzero zero point, which LiteRT's interpreter refuses.
 """
 
 import copy
-import logging
 import os
 import warnings
 from collections import Counter
@@ -35,6 +34,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from open_clip.transformer import LayerNorm as OpenClipLayerNorm
 from torch import nn
 
 from export.parity import ExportError
@@ -108,8 +108,6 @@ class _BatchedSelfAttention(ExportableSelfAttention):
 def _plain_layer_norm(module: nn.Module) -> bool:
     """nn.LayerNorm or open_clip's float-casting subclass over the last axis; not timm's LayerNorm2d and other
     subclasses that permute first."""
-    from open_clip.transformer import LayerNorm as OpenClipLayerNorm
-
     return type(module) in (nn.LayerNorm, OpenClipLayerNorm) and len(module.normalized_shape) == 1
 
 
@@ -132,11 +130,6 @@ def for_xnnpack(encoder: nn.Module, fmt: str, dim: int) -> nn.Module:
     return _UnitEmbedding(encoder, dim, as_linear=fmt == "executorch").eval()
 
 
-def _quiet():
-    for name in ("torch.export", "torch._export", "executorch", "litert_torch", "absl", "jax"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
 def to_executorch(module: torch.nn.Module, example: torch.Tensor, path: str | Path, method: str | None = None,
                   calibration: list[torch.Tensor] | None = None) -> dict[str, Any]:
     """Lower `module(example)` (batch 1) to an XNNPACK-delegated ExecuTorch program at `path`."""
@@ -145,7 +138,6 @@ def to_executorch(module: torch.nn.Module, example: torch.Tensor, path: str | Pa
         from executorch.devtools.backend_debug import get_delegation_info
         from executorch.exir import to_edge_transform_and_lower
 
-    _quiet()
     try:
         with warnings.catch_warnings(), torch.no_grad(), quiet_native():
             warnings.simplefilter("ignore")
@@ -213,7 +205,6 @@ def to_litert(module: torch.nn.Module, example: torch.Tensor, path: str | Path, 
     with quiet_native():  # its import prints notices of its own
         import litert_torch
 
-    _quiet()
     path = Path(path)
     try:
         with warnings.catch_warnings(), torch.no_grad(), quiet_native():

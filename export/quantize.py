@@ -29,11 +29,14 @@ from export.parity import FP32_BOUND, ExportError
 from export.smoothing import SMOOTHING_ALPHAS, activation_ranges, smooth_activations
 
 __all__ = ["quantization_method", "quantize_onnx", "quantize_within_bound", "weight_nodes", "grouped_convs",
-           "float_in_static", "CONV_TOWER_MIN_CONVS"]
+           "float_in_static", "CONV_TOWER_MIN_CONVS", "WEIGHT_PRODUCTS"]
 
 # A ViT has exactly one Conv (its patch embedding); a convolutional stem alone has a few. More than this many
 # Conv nodes means the tower is mostly convolutional.
 CONV_TOWER_MIN_CONVS = 8
+
+# The matrix products dynamic int8 of "weights only" quantizes (each with a constant weight operand)
+WEIGHT_PRODUCTS = ("MatMul", "Gemm", "Attention")
 
 
 def quantization_method(onnx_path: str | Path, tower: str) -> str:
@@ -46,14 +49,15 @@ def quantization_method(onnx_path: str | Path, tower: str) -> str:
 def quantize_onnx(fp32_path: str | Path, int8_path: str | Path, method: str,
                   calibration: Iterable[np.ndarray] | None = None, input_name: str = "image", per_channel: bool = False,
                   nodes_to_quantize: list[str] | None = None, nodes_to_exclude: list[str] | None = None,
-                  cache_dir: str | Path | None = None, op_types: list[str] | None = None) -> Path:
+                  cache_dir: str | Path | None = None, weight_products_only: bool = False) -> Path:
     """Write the int8 version of `fp32_path`; `calibration` yields (1, ...) input arrays for static QDQ (which is
     always per channel, and always keeps `float_in_static` nodes float; dynamic quantization does not read it).
     `nodes_to_quantize` / `nodes_to_exclude` restrict which nodes become int8. With `cache_dir`, static QDQ keeps
     the pre-processed graph and the calibrated activation ranges there, so that later calls on the same file with
-    other node selections (the sensitivity search) neither pre-process nor calibrate again. `op_types` limits
-    dynamic quantization to those operator types, and to nodes with a constant weight (default: onnxruntime's
-    choice, convolutions and attention's activation-by-activation products included)."""
+    other node selections (the sensitivity search) neither pre-process nor calibrate again. `weight_products_only`
+    limits dynamic quantization to matrix products with a constant weight (`WEIGHT_PRODUCTS`, each node's weight
+    constant); by default onnxruntime chooses, convolutions and attention's activation-by-activation products
+    included."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         QuantFormat,
@@ -67,8 +71,9 @@ def quantize_onnx(fp32_path: str | Path, int8_path: str | Path, method: str,
     selection = {"nodes_to_quantize": nodes_to_quantize, "nodes_to_exclude": nodes_to_exclude}
     try:
         if method == "dynamic":
-            if op_types is not None and nodes_to_quantize is None:  # products with a constant weight only, not the
-                selection["nodes_to_quantize"] = weight_nodes(fp32_path, method)  # attention's activation products
+            op_types = list(WEIGHT_PRODUCTS) if weight_products_only else None
+            if weight_products_only and nodes_to_quantize is None:  # not attention's activation products
+                selection["nodes_to_quantize"] = weight_nodes(fp32_path, method)
             quantize_dynamic(str(fp32_path), str(int8_path), weight_type=QuantType.QInt8, per_channel=per_channel,
                              op_types_to_quantize=op_types, **selection)
         elif method == "static_qdq":
@@ -112,7 +117,7 @@ def weight_nodes(onnx_path: str | Path, method: str) -> list[str]:
 
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
     constants = {t.name for t in graph.initializer}
-    op_types = {"MatMul", "Gemm", "Attention"} | ({"Conv"} if method == "static_qdq" else set())
+    op_types = set(WEIGHT_PRODUCTS) | ({"Conv"} if method == "static_qdq" else set())
     kept_float = set(float_in_static(onnx_path)) if method == "static_qdq" else set()
     return [n.name for n in graph.node
             if n.op_type in op_types and any(i in constants for i in n.input) and n.name not in kept_float]
@@ -176,7 +181,7 @@ def _grouped(graph) -> list:
 def quantize_within_bound(fp32_path: str | Path, int8_path: str | Path, method: str,
                           min_cosine_of: Callable[[Path], float], min_cosine: float,
                           calibration: Iterable[np.ndarray] | None = None, input_name: str = "image",
-                          progress: bool = False, op_types: list[str] | None = None) -> dict[str, Any]:
+                          progress: bool = False, weight_products_only: bool = False) -> dict[str, Any]:
     """int8 with as many nodes quantized as the cosine bound allows.
 
     Dynamic quantization starts from a copy whose self-attention layers are fused into onnxruntime's `Attention`
@@ -188,14 +193,15 @@ def quantize_within_bound(fp32_path: str | Path, int8_path: str | Path, method: 
     quantized alone to measure its sensitivity, and the most sensitive ones are kept in float32, 1, 2, 4, ... of
     them, until the bound holds: mixed precision instead of no int8 at all. Returns how it ended: `per_channel`,
     `excluded_nodes`, `min_cosine`, `smoothing_alpha` (None when not smoothed), `smoothed_activations`,
-    `fused_attention`; raises `ExportError` when even that cannot meet the bound. `op_types` limits dynamic
-    quantization to those operator types.
+    `fused_attention`; raises `ExportError` when even that cannot meet the bound. `weight_products_only` limits
+    dynamic quantization to the matrix products with a constant weight (`quantize_onnx`).
     """
     fp32_path, int8_path = Path(fp32_path), Path(int8_path)
     calibration = list(calibration) if calibration is not None else None
     with tempfile.TemporaryDirectory(dir=int8_path.parent) as work:
         work = Path(work)
-        common = {"calibration": calibration, "input_name": input_name, "cache_dir": work, "op_types": op_types}
+        common = {"calibration": calibration, "input_name": input_name, "cache_dir": work,
+                  "weight_products_only": weight_products_only}
         fused = _fused_copy(fp32_path, work / "fused.onnx", min_cosine_of) if method == "dynamic" else 0
         if fused:
             try:

@@ -17,6 +17,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
+
+from export.onnx_export import onnx_session
 
 __all__ = ["Runner", "open_runner", "run_rows", "format_of", "RUNTIME_OF_FORMAT", "SUFFIX_OF_FORMAT",
            "unavailable_reason", "quiet_native", "PHONE_FORMATS"]
@@ -49,7 +52,9 @@ def quiet_native():
     """Silence what the phone toolchains print on their own (native INFO lines on file descriptors 1 and 2, the
     quantizer's progress bars and size reports): an export or bench prints its own one-line results. Errors still
     arrive as exceptions."""
-    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)  # torchao's import-time notices
+    # torchao's import-time notices, and the exporters' and converters' own logs
+    for name in ("torch.utils._pytree", "torch.export", "torch._export", "executorch", "litert_torch", "absl", "jax"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
@@ -90,8 +95,6 @@ class _OnnxRunner(Runner):
     runtime, batch_size = "onnxruntime", None
 
     def __init__(self, path: Path, threads: int | None):
-        from export.onnx_export import onnx_session
-
         self.session = onnx_session(path, threads=threads)
         self.input_name = self.session.get_inputs()[0].name
 
@@ -108,7 +111,6 @@ class _ExecutorchRunner(Runner):
     _generation = 0
 
     def __init__(self, path: Path, threads: int | None):
-        import torch
         from executorch.extension.pybindings.portable_lib import _threadpool_get_thread_count, _unsafe_reset_threadpool
         from executorch.runtime import Runtime
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from export.graph import index_graph
+from export.onnx_export import onnx_session
 
 __all__ = ["activation_ranges", "smooth_activations", "SMOOTHING_ALPHAS"]
 
@@ -114,8 +115,6 @@ def _channel_absmax(model, names: list[str], calibration: np.ndarray, input_name
     """Per-channel (last axis) max |value| of the tensors `names` over the calibration batch."""
     import onnx
     from onnx import helper
-
-    from export.onnx_export import onnx_session
 
     probe = onnx.ModelProto()
     probe.CopyFrom(model)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from timm.utils.model import reparameterize_model
 from torch import nn
 
 from mdmodels.attention import written_out_attention
@@ -115,8 +116,6 @@ class PreparedModel:
 def prepare_for_export(model: nn.Module) -> PreparedModel:
     """Eval mode, MobileOne / FastViT reparameterization (timm) and exportable self-attention, on a copy; the
     caller's model is untouched. Every export is still checked against the caller's original model."""
-    from timm.utils.model import reparameterize_model
-
     folded = [name for name, module in model.named_modules() if name and hasattr(module, "reparameterize")]
     model = reparameterize_model(copy.deepcopy(model).eval(), inplace=True)  # folding reads the BN statistics
     rewritten = 0

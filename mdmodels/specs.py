@@ -21,6 +21,7 @@ from typing import Any
 
 import open_clip
 import torch
+from open_clip.factory import _get_hf_config
 
 from mdcore.configs import MAX_IMAGE_SIDE
 from mdcore.errors import UserInputError, first_line
@@ -118,7 +119,6 @@ def model_config_of(spec: ModelSpec) -> dict[str, Any]:
         return copy.deepcopy(_read_local_dir_config(Path(spec.name))["model_cfg"])
     if spec.kind == "hf-hub":
         _require_network(spec)
-        from open_clip.factory import _get_hf_config
 
         return _get_hf_config(spec.name)["model_cfg"]
     cfg = open_clip.get_model_config(spec.name)

@@ -16,6 +16,9 @@ import os
 import posixpath
 from typing import Any, BinaryIO
 
+import fsspec
+from webdataset import gopen
+
 from mdcore.errors import UserInputError, first_line
 
 __all__ = ["is_url", "join", "basename", "open_location", "location_exists", "list_locations", "read_bytes",
@@ -68,8 +71,6 @@ def bytes_read() -> int:
 
 
 def _filesystem(url: str):
-    import fsspec
-
     try:
         return fsspec.core.url_to_fs(url)
     except (ImportError, ValueError) as e:
@@ -79,8 +80,6 @@ def _filesystem(url: str):
 def open_location(location: str) -> BinaryIO:
     """A buffered binary stream of the file at `location`, counted in `bytes_read()` (the caller closes it)."""
     if location.startswith("pipe:"):
-        from webdataset import gopen
-
         raw = gopen(location, "rb")
     elif is_url(location):
         fs, path = _filesystem(location)
