@@ -7,10 +7,11 @@ the same views and captions in the loop (open_clip / TinyCLIP style; plain image
 fresh augmentation per epoch), for comparison. The losses are in `distill.losses`; their weights in the recipe
 (`distill.recipe`).
 
-The data stream is a pure function of (seed, epoch, sample order) and the same global batches are formed whatever
-the number of processes (each process takes its slice), so `--resume` reloads the last `save_state` checkpoint and
-skips the batches already consumed, and a run on W processes gives the losses of a one-process run with the same
-global batch (the losses contrast each process's rows against the gathered global batch).
+The loop is the one teacher training uses too (`distill.loop`). The batches come from the input pipeline
+(`reinforced_data.pipeline`): for a given seed, process count and worker count they are the same on every run,
+and `--resume` reloads the last checkpoint (`distill.checkpoint`) with where every data worker stood, so it goes
+on with the batches the uninterrupted run would have seen. The losses contrast each process's rows against the
+gathered global batch.
 """
 
 import json
