@@ -1,0 +1,93 @@
+"""Where static int8 loses a MobileCLIP image tower's parity: every stage of the trunk kept float in turn.
+
+    python bench/int8_sensitivity.py --arch MobileCLIP2-S0
+
+The tower is built with random weights and its layer scales at 1 (`export.towers.unit_layer_scales`: at timm's
+1e-5 start every image embeds alike and no parity check could fail), rewritten for XNNPACK as the exporter does
+(`export.phones.for_xnnpack`) and quantized with ExecuTorch's XNNPACKQuantizer (static, per-channel weights,
+activation ranges from 16 calibration images), once with everything quantized and then with the stem, each stage
+and the final convolution left float. Each line prints the minimum cosine to the float tower over 8 other images,
+computed by the PT2E-converted graph itself (the numerics the lowered program follows, without lowering it). The
+exporter keeps a static file only at min cosine >= 0.99.
+"""
+
+import argparse
+import time
+
+import open_clip
+import torch
+import torch.nn.functional as F
+
+import mdmodels  # noqa: F401  (registers the shipped architectures)
+from export.parity import compare_embeddings
+from export.phones import _integer_scalar_arithmetic_as_scalar_ops, _LastAxisMean, _SumOfSquares, for_xnnpack
+from export.towers import ImageEncoder, prepare_for_export, unit_layer_scales
+
+
+def quantized_min_cosine(encoder, calibration: torch.Tensor, test: torch.Tensor, reference, float_modules=()):
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+        XNNPACKQuantizer,
+        get_symmetric_quantization_config,
+    )
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    graph = torch.export.export(encoder, (test[:1],)).module()
+    _integer_scalar_arithmetic_as_scalar_ops(graph)
+    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True,
+                                                                                is_dynamic=False))
+    for statistic in (_SumOfSquares, _LastAxisMean):
+        quantizer.set_module_type(statistic, None)
+    if float_modules:
+        def quantized(node) -> bool:
+            paths = [v[0] for v in node.meta.get("nn_module_stack", {}).values()]
+            return not any(p == m or p.startswith(m + ".") for p in paths for m in float_modules)
+
+        quantizer.set_filter_function(quantized)
+    prepared = prepare_pt2e(graph, quantizer)
+    with torch.no_grad():
+        for i in range(len(calibration)):
+            prepared(calibration[i:i + 1])
+        converted = convert_pt2e(prepared)
+        out = torch.cat([converted(test[i:i + 1]) for i in range(len(test))]).numpy()
+    return compare_embeddings(reference, out)["min_cosine"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="MobileCLIP2-S0")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    model = open_clip.create_model(args.arch)
+    unit_layer_scales(model)
+    model = prepare_for_export(model).model
+    size = open_clip.get_model_config(args.arch)["vision_cfg"]["image_size"]
+    g = torch.Generator().manual_seed(1)  # smooth random pictures: low-frequency noise, upsampled
+    pictures = F.interpolate(torch.rand(24, 3, 8, 8, generator=g), size=(size, size), mode="bicubic").clamp(0, 1)
+    x = (pictures - 0.45) / 0.27
+    calibration, test = x[:16], x[16:]
+    with torch.no_grad():
+        reference = ImageEncoder(model)(test).numpy()  # (8, D)
+    encoder = for_xnnpack(ImageEncoder(model), "executorch", reference.shape[1]).eval()
+    names = [n for n, _ in encoder.named_modules()]
+    trunk = next(n for n in names if n.endswith("visual.trunk"))
+    stages = sorted(n for n in names if n.startswith(f"{trunk}.stages.") and n.count(".") == trunk.count(".") + 2)
+    variants = [("everything int8", ())] + [(f"{m.removeprefix(trunk + '.')} float", (m,)) for m in
+                                           [f"{trunk}.stem", *stages, f"{trunk}.final_conv"] if m in names]
+    print(f"{args.arch}, {size} px, static int8 (XNNPACKQuantizer), min cosine to float over {len(test)} images:")
+    results = {}
+    for label, float_modules in variants:
+        start = time.time()
+        results[float_modules] = cosine = quantized_min_cosine(encoder, calibration, test, reference, float_modules)
+        print(f"  {label:<40} {cosine:.4f}   ({time.time() - start:.0f} s)", flush=True)
+    # then the most sensitive parts together, as the ONNX path's search keeps its most sensitive nodes float
+    ranked = [m for m, _ in sorted(((k[0], v) for k, v in results.items() if k), key=lambda kv: -kv[1])]
+    for count in (2, 3):
+        float_modules = tuple(ranked[:count])
+        start = time.time()
+        cosine = quantized_min_cosine(encoder, calibration, test, reference, float_modules)
+        label = " + ".join(m.removeprefix(trunk + ".") for m in float_modules) + " float"
+        print(f"  {label:<40} {cosine:.4f}   ({time.time() - start:.0f} s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
