@@ -1,6 +1,6 @@
 """The training skeleton that teacher training (`distill.teacher_training`) and distillation (`distill.train`)
-share: AdamW over open_clip's weight-decay groups, a cosine schedule after a linear warm-up, the Hugging Face
-text-tower lock, and one loop.
+share: AdamW over timm's weight-decay groups (open_clip's convention), a cosine schedule after a linear warm-up,
+the Hugging Face text-tower lock, the checks of the keys their configs share, and one loop.
 
 The loop is nanoGPT's, through accelerate: each step takes `grad_accum_steps` batches from the input pipeline,
 asks the trainer for its named loss terms, backs the sum of the `*_loss` terms up, clips and steps once the
@@ -19,10 +19,12 @@ from timm.optim import param_groups_weight_decay
 from torch import nn
 from tqdm import tqdm
 
+from mdcore.configs import check_choice, check_range, check_types
 from mdcore.errors import UserInputError
 
 __all__ = ["cosine_with_warmup", "make_optimizer", "make_schedule", "optimizer_step",
-           "LockedTextCache", "is_hf_text", "lock_text_tower", "usable_batches", "LoopConfig", "train_loop"]
+           "LockedTextCache", "is_hf_text", "lock_text_tower", "usable_batches", "check_training_keys", "LoopConfig",
+           "train_loop"]
 
 
 def cosine_with_warmup(step: int, total_steps: int, warmup_steps: int) -> float:
@@ -109,6 +111,21 @@ def usable_batches(loader: Iterable, tracker, what: str) -> Iterator:
         if len(batch):
             yield batch
     raise UserInputError(f"no usable samples in {what} ({tracker.skips.summary()})")
+
+
+def check_training_keys(config: Any) -> None:
+    """Type and range of the keys every trainer's config shares (teacher training's, distillation's): the loop's,
+    the optimizer's, the schedule's and the data pipeline's; a `UserInputError` names the first one out of range."""
+    check_types(config)
+    for name in ("steps", "batch_size", "grad_accum_steps", "log_every", "shuffle_buffer"):
+        check_range(name, getattr(config, name), 1)
+    check_range("warmup_steps", config.warmup_steps, 0)
+    check_range("seed", config.seed, 0, 2**32 - 1)
+    check_range("num_workers", config.num_workers, 0, 64)
+    check_range("lr", config.lr, 0, low_open=True)
+    check_range("weight_decay", config.weight_decay, 0)
+    check_range("grad_clip", config.grad_clip, 0)
+    check_choice("mixed_precision", config.mixed_precision, ("no", "fp16", "bf16"))
 
 
 @dataclass

@@ -8,13 +8,15 @@ import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mdcore.configs import check_choice, check_range, check_types
+from distill.loop import check_training_keys
+from mdcore.configs import check_choice, check_range
 from mdcore.errors import UserInputError
 from mdcore.recipes import apply_mapping, apply_overrides, read_recipe_file, set_key
 from reinforced_data.examples import CaptionChoice
 
 __all__ = ["LossWeights", "PruneConfig", "DistillConfig", "load_recipe", "apply_overrides", "stage_config",
            "validate_recipe"]
+
 
 @dataclass
 class LossWeights:
@@ -77,17 +79,9 @@ class DistillConfig:
 
 def validate_recipe(config: DistillConfig) -> DistillConfig:
     """Every key's type (from the annotations) and range, checked before a run starts; returns `config`."""
-    check_types(config)
-    for name in ("steps", "batch_size", "grad_accum_steps", "log_every", "shuffle_buffer"):
-        check_range(name, getattr(config, name), 1)
-    for name in ("warmup_steps", "eval_every", "save_every"):
+    check_training_keys(config)
+    for name in ("eval_every", "save_every"):
         check_range(name, getattr(config, name), 0)
-    check_range("seed", config.seed, 0, 2**32 - 1)
-    check_range("num_workers", config.num_workers, 0, 64)
-    check_range("lr", config.lr, 0, low_open=True)
-    check_range("weight_decay", config.weight_decay, 0)
-    check_range("grad_clip", config.grad_clip, 0)
-    check_choice("mixed_precision", config.mixed_precision, ("no", "fp16", "bf16"))
     check_choice("aug_sampling", config.aug_sampling, ("random", "sequential"))
     loss = config.loss
     for name in ("w_clip", "w_kd", "w_affinity", "w_feature"):

@@ -21,8 +21,16 @@ import torch.nn.functional as F
 from accelerate.utils import set_seed
 from torch import nn
 
-from distill.loop import LoopConfig, lock_text_tower, make_optimizer, make_schedule, train_loop, usable_batches
-from mdcore.configs import check_choice, check_range, check_types
+from distill.loop import (
+    LoopConfig,
+    check_training_keys,
+    lock_text_tower,
+    make_optimizer,
+    make_schedule,
+    train_loop,
+    usable_batches,
+)
+from mdcore.configs import check_range
 from mdcore.errors import UserInputError
 from mdcore.processes import make_accelerator
 from mdcore.recipes import apply_mapping, apply_overrides, read_recipe_file
@@ -54,16 +62,9 @@ class TeacherTrainConfig:
     num_workers: int | None = None  # data workers per process (None: the cores per process less one; 0: in-process)
 
     def __post_init__(self):
-        check_types(self)
-        for name in ("steps", "batch_size", "grad_accum_steps", "log_every", "shuffle_buffer"):
-            check_range(name, getattr(self, name), 1)
-        check_range("warmup_steps", self.warmup_steps, 0)
-        check_range("seed", self.seed, 0, 2**32 - 1)
-        check_range("num_workers", self.num_workers, 0, 64)
-        check_range("lr", self.lr, 0, low_open=True)
-        for name in ("weight_decay", "grad_clip", "clip_loss_weight", "caption_loss_weight"):
+        check_training_keys(self)
+        for name in ("clip_loss_weight", "caption_loss_weight"):
             check_range(name, getattr(self, name), 0)
-        check_choice("mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))
 
 
 def load_teacher_recipe(path: str | Path | None, overrides: list[str] = ()) -> TeacherTrainConfig:

@@ -251,7 +251,6 @@ def _distill(data: str, run_dir: Path, config: DistillConfig, images: str | None
     size = size if isinstance(size, int) else size[0]
     ensemble = None
     if config.online_teachers:  # teachers in the loop (open_clip / TinyCLIP style), for comparison
-
         ensemble = load_ensemble(config.online_teachers, device=accelerator.device)
         dims, teacher_scales = ensemble.dims, ensemble.logit_scales
         teacher_records = [{"spec": str(t.spec), "dim": d, "logit_scale": s}

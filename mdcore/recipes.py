@@ -16,7 +16,7 @@ import yaml
 from mdcore.configs import matches_type, type_name
 from mdcore.errors import UserInputError, first_line
 
-__all__ = ["MAX_RECIPE_BYTES", "read_recipe_file", "set_key", "apply_overrides", "apply_mapping"]
+__all__ = ["MAX_RECIPE_BYTES", "read_recipe_file", "set_key", "typed_value", "apply_overrides", "apply_mapping"]
 
 MAX_RECIPE_BYTES = 1024 * 1024
 
@@ -57,9 +57,14 @@ def set_key(config: Any, dotted: str, value: Any) -> None:
         for key, sub in value.items():
             set_key(config, f"{dotted}.{key}", sub)
         return
-    hint = typing.get_type_hints(type(target))[leaf]
+    setattr(target, leaf, typed_value(value, typing.get_type_hints(type(target))[leaf], dotted))
+
+
+def typed_value(value: Any, hint: Any, key: str) -> Any:
+    """`value` as the recipe key `key` (annotated `hint`) takes it, or a `UserInputError`: a float key also takes
+    an integer, and the strings YAML 1.1 leaves `3e-4` (no dot) as."""
     if hint is float or float in typing.get_args(hint):  # a float key
-        if isinstance(value, str):  # YAML 1.1 reads `3e-4` (no dot) as a string
+        if isinstance(value, str):
             try:
                 value = float(value)
             except ValueError:
@@ -67,8 +72,8 @@ def set_key(config: Any, dotted: str, value: Any) -> None:
         if isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
     if not matches_type(value, hint):
-        raise UserInputError(f"recipe key {dotted!r} takes {type_name(hint)}, got {value!r}")
-    setattr(target, leaf, value)
+        raise UserInputError(f"recipe key {key!r} takes {type_name(hint)}, got {value!r}")
+    return value
 
 
 def apply_mapping(config: Any, mapping: dict[str, Any]) -> Any:

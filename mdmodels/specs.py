@@ -119,7 +119,6 @@ def model_config_of(spec: ModelSpec) -> dict[str, Any]:
         return copy.deepcopy(_read_local_dir_config(Path(spec.name))["model_cfg"])
     if spec.kind == "hf-hub":
         _require_network(spec)
-
         return _get_hf_config(spec.name)["model_cfg"]
     cfg = open_clip.get_model_config(spec.name)
     if cfg is None:

@@ -37,7 +37,7 @@ from mdcore.atomic import write_json_atomic, write_text_atomic
 from mdcore.configs import check_range, check_types
 from mdcore.errors import UserInputError
 from mdcore.jsonio import read_json_file
-from mdcore.recipes import read_recipe_file
+from mdcore.recipes import read_recipe_file, typed_value
 from mdmodels.model_dir import is_model_dir
 from mdmodels.specs import load_model
 from mobiledistill.report import parameter_counts, render_report
@@ -111,13 +111,8 @@ def load_quickstart_recipe(path: str | Path = "quickstart", fast: bool = False) 
             + ([f"missing quickstart keys: {', '.join(missing)}"] if missing else [])))
     if fast:
         data.update(fast_keys)
-    for name, hint in typing.get_type_hints(QuickstartConfig).items():  # YAML reads 1000 as an int, 2e-3 as a str
-        if hint is float and isinstance(data[name], int | str) and not isinstance(data[name], bool):
-            try:
-                data[name] = float(data[name])
-            except ValueError:
-                pass
-    return QuickstartConfig(**data)
+    hints = typing.get_type_hints(QuickstartConfig)
+    return QuickstartConfig(**{name: typed_value(value, hints[name], name) for name, value in data.items()})
 
 
 class _Stages:
