@@ -246,8 +246,9 @@ def load_checkpoint(path: Path, state: TrainingState, accelerator) -> int:
                              f"{sorted(state.optimizers)}")
     for name, optimizer in state.optimizers.items():
         _restore_optimizer(name, optimizer, optimizers[name], tensors, path / OPTIMIZERS_NAME)
-    scheduler = record.get("scheduler")
-    if not _same_kind(scheduler, state.scheduler.state_dict()):
+    scheduler, template = record.get("scheduler"), state.scheduler.state_dict()
+    # the live schedule's keys, of their kinds; others are ignored (a torch LambdaLR's, in earlier checkpoints)
+    if not isinstance(scheduler, dict) or not _same_kind({k: scheduler.get(k) for k in template}, template):
         raise UserInputError(f"{path / STATE_NAME}: the learning-rate schedule's state is malformed")
     state.scheduler.load_state_dict(scheduler)
     if state.scaler is not None:

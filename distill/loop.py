@@ -1,6 +1,6 @@
 """The training skeleton that teacher training (`distill.teacher_training`) and distillation (`distill.train`)
-share: AdamW over timm's weight-decay groups (open_clip's convention), a cosine schedule after a linear warm-up,
-the Hugging Face text-tower lock, the checks of the keys their configs share, and one loop.
+share: AdamW over timm's weight-decay groups (open_clip's convention), open_clip's cosine schedule after a linear
+warm-up, the Hugging Face text-tower lock, the checks of the keys their configs share, and one loop.
 
 The loop is nanoGPT's, through accelerate: each step takes `grad_accum_steps` batches from the input pipeline,
 asks the trainer for its named loss terms, backs the sum of the `*_loss` terms up, clips and steps once the
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from open_clip_train.scheduler import cosine_lr
 from timm.optim import param_groups_weight_decay
 from torch import nn
 from tqdm import tqdm
@@ -22,19 +23,9 @@ from tqdm import tqdm
 from mdcore.configs import check_choice, check_range, check_types
 from mdcore.errors import UserInputError
 
-__all__ = ["cosine_with_warmup", "make_optimizer", "make_schedule", "optimizer_step",
+__all__ = ["CosineSchedule", "make_optimizer", "make_schedule", "optimizer_step",
            "LockedTextCache", "is_hf_text", "lock_text_tower", "usable_batches", "check_training_keys", "LoopConfig",
            "train_loop"]
-
-
-def cosine_with_warmup(step: int, total_steps: int, warmup_steps: int) -> float:
-    """LR multiplier: linear warm-up from 1/warmup to 1, then cosine decay to 0 at `total_steps`. (transformers'
-    `get_cosine_schedule_with_warmup` is the same curve a step later: its warm-up starts at 0, so its first update
-    does nothing; this one keeps every recorded run and figure as it was.)"""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float, extra: Iterable[nn.Module] = ()
@@ -46,12 +37,37 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float, extra: Iter
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6)
 
 
-def make_schedule(optimizer: torch.optim.Optimizer, steps: int, warmup_steps: int
-                  ) -> torch.optim.lr_scheduler.LambdaLR:
-    """`cosine_with_warmup` over `steps` updates, the warm-up at most half of them; stepped once per update by
+class CosineSchedule:
+    """open_clip's training schedule (`open_clip_train.scheduler.cosine_lr`: a linear warm-up from lr/warmup to lr,
+    then a cosine to 0 at `steps`) with the state a checkpoint keeps: the updates taken (`last_epoch`, as torch's
+    schedulers name it). Every param group of `optimizer` follows it."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, steps: int, warmup_steps: int):
+        self.steps = steps
+        # (a 1-step run warms up for its one step; open_clip's cosine would then divide by steps - warmup = 0)
+        self.adjust = cosine_lr(optimizer, optimizer.param_groups[0]["lr"], warmup_steps, max(steps, warmup_steps + 1))
+        self.last_epoch = 0
+        self.last_lr = self.adjust(0)
+
+    def step(self) -> None:
+        self.last_epoch += 1
+        self.last_lr = self.adjust(min(self.last_epoch, self.steps))  # past the end the cosine would climb again
+
+    def get_last_lr(self) -> list[float]:
+        return [self.last_lr]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"last_epoch": self.last_epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.last_epoch = int(state["last_epoch"])
+        self.last_lr = self.adjust(min(self.last_epoch, self.steps))
+
+
+def make_schedule(optimizer: torch.optim.Optimizer, steps: int, warmup_steps: int) -> CosineSchedule:
+    """The schedule over `steps` updates, its warm-up at most half of them; stepped once per update by
     `optimizer_step` (accelerate's wrapper would step it once per process)."""
-    warmup = min(warmup_steps, max(1, steps // 2))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(s, steps, warmup))
+    return CosineSchedule(optimizer, steps, min(warmup_steps, max(1, steps // 2)))
 
 
 def optimizer_step(accelerator, model: nn.Module, optimizer, scheduler, loss: torch.Tensor, grad_clip: float) -> None:

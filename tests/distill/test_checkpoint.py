@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from distill.checkpoint import TrainingState, last_checkpoint, load_checkpoint, save_checkpoint
+from distill.loop import make_schedule
 from distill.recipe import load_recipe
 from distill.train import distill
 from mdcore.errors import UserInputError
@@ -41,7 +42,7 @@ def _state(seed: int = 0):
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.GELU(), torch.nn.Linear(8, 3))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.98))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 / (1 + s))
+    scheduler = make_schedule(optimizer, steps=8, warmup_steps=2)
     return TrainingState({"student": model}, {"student": optimizer}, scheduler)
 
 
@@ -75,6 +76,39 @@ def test_checkpoint_round_trip_restores_weights_optimizer_schedule_and_random_st
     assert all(torch.equal(v, reference[k]) for k, v in resumed.modules["student"].state_dict().items())
     assert resumed.scheduler.get_last_lr() == state.scheduler.get_last_lr()
     assert last_checkpoint(tmp_path.parent / tmp_path.name) is None  # only checkpoints/step_N is looked at
+
+
+def test_the_schedule_is_open_clips_and_resumes_from_a_torch_schedulers_state(tmp_path):
+    from accelerate import Accelerator
+    from open_clip_train.scheduler import cosine_lr
+
+    state = _state()
+    optimizer = state.optimizers["student"]
+    reference = cosine_lr(torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=1e-2), 1e-2, 2, 8)
+    lrs = [state.scheduler.get_last_lr()[0]]
+    for _ in range(8):
+        state.scheduler.step()
+        lrs.append(state.scheduler.get_last_lr()[0])
+        assert optimizer.param_groups[0]["lr"] == lrs[-1]  # every group follows it
+    assert lrs == [reference(s) for s in range(9)]
+    assert lrs[0] == 5e-3 and lrs[2] == 1e-2 and lrs[-1] == 0.0  # from lr/warmup, to lr, down to 0 at the end
+    state.scheduler.step()
+    assert state.scheduler.get_last_lr()[0] == 0.0  # past the end it stays at 0
+
+    one_step = make_schedule(torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=1.0), steps=1, warmup_steps=5)
+    one_step.step()
+    assert one_step.get_last_lr() == [1.0]  # a 1-step run: warm-up of 1, no division by steps - warmup = 0
+
+    accelerator = Accelerator(cpu=True)  # a checkpoint written when the schedule was a torch LambdaLR still loads
+    _train(state, 1)
+    save_checkpoint(tmp_path / "step_3", state, 3, accelerator)
+    record = json.loads((tmp_path / "step_3" / "state.json").read_text())
+    record["scheduler"] = {"base_lrs": [1e-2], "last_epoch": 3, "_step_count": 4, "_is_initial": False,
+                           "_get_lr_called_within_step": False, "_last_lr": [0.0], "lr_lambdas": [None]}
+    (tmp_path / "step_3" / "state.json").write_text(json.dumps(record))
+    resumed = _state()
+    load_checkpoint(tmp_path / "step_3", resumed, accelerator)
+    assert resumed.scheduler.get_last_lr() == [reference(3)]
 
 
 def test_files_a_checkpoint_does_not_name_are_never_opened(tmp_path):
@@ -112,7 +146,7 @@ def _corrupt_groups(path: Path) -> None:
 
 def _corrupt_schedule(path: Path) -> None:
     record = json.loads((path / "state.json").read_text())
-    record["scheduler"]["lr_lambdas"] = [{"__call__": "evil"}]
+    record["scheduler"]["last_epoch"] = {"__call__": "evil"}
     (path / "state.json").write_text(json.dumps(record))
 
 
