@@ -1,7 +1,7 @@
 """The input pipeline of `teachers train`, `distill` and `reinforce`: shards to processes, then to DataLoader workers.
 
     shards --(epoch's shuffle, rank)--> a process --(worker)--> a DataLoader worker:
-        read its shards (local files or URLs) -> parse and check each sample -> shuffle buffer
+        read its shards (local files or URLs) -> parse and check each sample -> webdataset's shuffle buffer
         -> decode, replay the stored augmentation, normalize -> batches (pinned, prefetched)
 
 Each process reads only its own shards, and each of its `num_workers` workers a part of those; decoding and
@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
+import webdataset as wds
 
 from reinforced_data.locations import bytes_read
 from reinforced_data.shards import SkipLog
@@ -164,17 +165,6 @@ class _WorkerSkips:
         return taken
 
 
-def _shuffle_buffer(records: Iterator, rng: random.Random, size: int) -> Iterator:
-    """webdataset's shuffling: keep `size` records, emit a random one as each new one arrives; flush at the end."""
-    pool = []
-    for record in records:
-        pool.append(record)
-        if len(pool) >= size:
-            yield pool.pop(rng.randrange(len(pool)))
-    rng.shuffle(pool)
-    yield from reversed(pool)
-
-
 # (urls of one reader's epoch, epoch, skip log) -> records: parsed and checked, not yet decoded
 Source = Callable[[list[str], int, Any], Iterator[Any]]
 # (record, epoch, skip log) -> Example, or None when the record turns out unusable (recorded in the log)
@@ -220,7 +210,8 @@ class ExampleStream(torch.utils.data.IterableDataset):
                 records = (r for i, r in enumerate(records) if i % part.modulus == part.offset)
             rng = random.Random(f"{self.seed}/buffer/{epoch}/{self.rank}/{worker}")
             emitted = 0
-            for record in _shuffle_buffer(records, rng, self.buffer):
+            # webdataset's shuffle buffer, filled before its first pick
+            for record in wds.shuffle(self.buffer, initial=self.buffer, rng=rng)(iter(records)):
                 emitted += 1
                 if emitted <= skip:  # resuming: taken before the interruption, never decoded again
                     continue
