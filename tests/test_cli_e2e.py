@@ -64,9 +64,10 @@ def test_emoji_subset_train_reload_with_plain_open_clip_and_eval(tmp_path, fresh
     assert metrics["num_samples"] == manifest["splits"]["test"]
 
 
-@pytest.mark.parametrize(
-    "args, message",
-    [
+# Each case runs in a fork of one interpreter that has imported the command line once: a process of its own (own
+# stderr, own exit status, nothing left from the case before) without paying the interpreter and torch start-up
+# once per case. `test_the_entry_point_exits_2_on_bad_input` runs one case as a whole new process.
+BAD_INPUT = [
         (["eval", "--model", "ViT-B-32@laion2b_s34b_b79k", "--data", "."], "no network is reachable"),
         (["eval", "--model", "hf-hub:apple/MobileCLIP2-S0", "--data", "."], "no network is reachable"),
         (["eval", "--model", "not-an-arch", "--data", "."], "unknown architecture"),
@@ -86,15 +87,65 @@ def test_emoji_subset_train_reload_with_plain_open_clip_and_eval(tmp_path, fresh
         (["reinforce", "--data", "missing-dir", "--teacher", "md-teacher-s", "--out", "x", "--num-captions", "0"],
          "not found"),
         (["inspect", "missing-dir"], "not found"),
-    ],
-)
-def test_bad_input_is_one_line_and_exit_2(tmp_path, fresh_env, args, message):
-    shapes = write_shapes_root(tmp_path / "shapes")
-    args = [str(shapes) if a == "SHAPES" else a for a in args]
-    proc = run_cli(*args, env=fresh_env, cwd=tmp_path, check=False)
-    assert proc.returncode == 2, proc.stderr
-    lines = [line for line in proc.stderr.strip().splitlines() if not line.startswith("warning:")]
-    assert len(lines) == 1, proc.stderr
+    ]
+
+FORK_EACH_CASE = r"""
+import json, os, sys, traceback
+import mobiledistill.commands  # what every command imports, once, before any fork
+from mobiledistill.cli import main
+results = []
+for case in json.loads(sys.argv[1]):
+    sys.stdout.flush(), sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        os.chdir(case["cwd"])
+        os.dup2(os.open("stderr.txt", os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 2)
+        try:
+            code = main(case["args"])
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        sys.stderr.flush()
+        os._exit(code)
+    status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    results.append({"returncode": status, "stderr": open(os.path.join(case["cwd"], "stderr.txt")).read()})
+print(json.dumps(results))
+"""
+
+
+@pytest.fixture(scope="module")
+def bad_input_runs(tmp_path_factory, fresh_env) -> list[dict]:
+    root = tmp_path_factory.mktemp("bad-input")
+    shapes = write_shapes_root(root / "shapes")
+    cases = []
+    for i, (args, _) in enumerate(BAD_INPUT):
+        cwd = root / f"case{i}"
+        cwd.mkdir()
+        cases.append({"cwd": str(cwd), "args": [str(shapes) if a == "SHAPES" else a for a in args]})
+    proc = subprocess.run([sys.executable, "-c", FORK_EACH_CASE, json.dumps(cases)], env=fresh_env, cwd=root,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    return [dict(r, cwd=Path(c["cwd"])) for r, c in zip(results, cases)]
+
+
+def _is_one_line_exit_2(run: dict, message: str) -> None:
+    assert run["returncode"] == 2, run["stderr"]
+    lines = [line for line in run["stderr"].strip().splitlines() if not line.startswith("warning:")]
+    assert len(lines) == 1, run["stderr"]
     assert message in lines[0]
-    assert "Traceback" not in proc.stderr
-    assert not (tmp_path / "x").exists()
+    assert "Traceback" not in run["stderr"]
+
+
+@pytest.mark.parametrize("case", range(len(BAD_INPUT)), ids=[m for _, m in BAD_INPUT])
+def test_bad_input_is_one_line_and_exit_2(bad_input_runs, case):
+    run = bad_input_runs[case]
+    _is_one_line_exit_2(run, BAD_INPUT[case][1])
+    assert not (run["cwd"] / "x").exists()
+
+
+def test_the_entry_point_exits_2_on_bad_input(tmp_path, fresh_env):
+    proc = run_cli("eval", "--model", "not-an-arch", "--data", ".", env=fresh_env, cwd=tmp_path, check=False)
+    _is_one_line_exit_2({"returncode": proc.returncode, "stderr": proc.stderr}, "unknown architecture")
