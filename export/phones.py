@@ -1,12 +1,18 @@
 """Android's two runtimes: ExecuTorch programs (`.pte`) and LiteRT flatbuffers (`.tflite`), both on XNNPACK.
 
-    to_executorch(module, example, path, method, calibration)  torch.export -> [PT2E int8] -> XNNPACK partition
-    to_litert(module, example, path, method, calibration)      litert-torch -> [ai-edge-quantizer int8]
+    executorch_float(module, example) -> program     torch.export, once per tower
+    executorch_int8(program, method, calibration)     PT2E int8 of it: a reference model that runs in PyTorch
+    run_reference(int8 model, inputs)                 its outputs, to check a method before lowering it
+    to_executorch(program or int8 model, path)        -> XNNPACK partition -> .pte
+    litert_float(module, example) -> flatbuffer       litert-torch, once per tower
+    to_litert(flatbuffer, path, method, calibration)  [ai-edge-quantizer int8] -> .tflite
 
-`method` is None (float32), "dynamic" (int8 weights per channel, activations quantized at run time), "static"
-(int8 activations too, ranges from the calibration inputs) or "dynamic_matmul" (dynamic, matrix products only:
-convolutions stay float, the fallback for convolutional towers whose activations neither static nor dynamic
-int8 of every convolution keeps within the bound). Each returns what ran outside the XNNPACK delegate:
+The float conversion is made once per tower and every file and int8 attempt starts from it; an XNNPACK lowering is
+most of an export's time (docs/BENCHMARKS.md, "Phones"), so an int8 method is checked in PyTorch before it is
+lowered. `method` is None (float32), "dynamic" (int8 weights per channel, activations quantized at run time),
+"static" (int8 activations too, ranges from the calibration inputs) or "dynamic_matmul" (dynamic, matrix products
+only: convolutions stay float, the fallback for convolutional towers whose activations neither static nor dynamic
+int8 of every convolution keeps within the bound). Both writers return what ran outside the XNNPACK delegate:
 `{"delegated_nodes", "nodes_outside_delegate", "ops_outside_delegate": {op: count}, ...}`.
 
 `for_xnnpack(encoder, fmt)` rewrites a tower (on a copy, same values) so that more of it runs inside XNNPACK. What
@@ -32,6 +38,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from open_clip.transformer import LayerNorm as OpenClipLayerNorm
@@ -43,7 +50,8 @@ from export.towers import ExportableSelfAttention
 from mdcore.errors import first_line
 from mdmodels.attention import written_out_attention
 
-__all__ = ["to_executorch", "to_litert", "for_xnnpack", "QUANTIZATION_METHODS"]
+__all__ = ["executorch_float", "executorch_int8", "run_reference", "to_executorch", "litert_float", "to_litert",
+           "for_xnnpack", "QUANTIZATION_METHODS"]
 
 QUANTIZATION_METHODS = ("dynamic", "static", "dynamic_matmul")
 
@@ -130,9 +138,42 @@ def for_xnnpack(encoder: nn.Module, fmt: str, dim: int) -> nn.Module:
     return _UnitEmbedding(encoder, dim, as_linear=fmt == "executorch").eval()
 
 
-def to_executorch(module: torch.nn.Module, example: torch.Tensor, path: str | Path, method: str | None = None,
-                  calibration: list[torch.Tensor] | None = None) -> dict[str, Any]:
-    """Lower `module(example)` (batch 1) to an XNNPACK-delegated ExecuTorch program at `path`."""
+def executorch_float(module: torch.nn.Module, example: torch.Tensor, name: str) -> torch.export.ExportedProgram:
+    """`module(example)` (batch 1) through torch.export: what the float `.pte` lowers and each int8 method
+    quantizes (lowering and quantization work on copies, so one program serves them all)."""
+    try:
+        with warnings.catch_warnings(), torch.no_grad(), quiet_native():
+            warnings.simplefilter("ignore")
+            return torch.export.export(module.eval(), (example,))
+    except Exception as e:  # torch.export raises many types; all mean "does not export"
+        raise ExportError(f"cannot export {name} for ExecuTorch: {first_line(e)}") from e
+
+
+def executorch_int8(program: torch.export.ExportedProgram, method: str, calibration: list[torch.Tensor]
+                    ) -> torch.fx.GraphModule:
+    """PT2E int8 of `program` by XNNPACK's quantizer: the quantize/dequantize reference model, which runs in PyTorch
+    with the int8 values the lowered program computes with, so a method can be checked before it is lowered."""
+    try:
+        with warnings.catch_warnings(), torch.no_grad(), quiet_native():
+            warnings.simplefilter("ignore")
+            return _pt2e_int8(program.module(), method, calibration)
+    except Exception as e:
+        raise ExportError(f"XNNPACK's quantizer could not make {method} int8: {first_line(e)}") from e
+
+
+def run_reference(model: torch.fx.GraphModule, inputs: torch.Tensor) -> np.ndarray:
+    """An int8 reference model's outputs for `inputs` (N, ...), one at a time (its program is exported at batch 1)."""
+    try:
+        with torch.no_grad():
+            return torch.cat([model(x[None]) for x in inputs]).numpy()
+    except Exception as e:
+        raise ExportError(f"the int8 reference model does not run: {first_line(e)}") from e
+
+
+def to_executorch(model: torch.export.ExportedProgram | torch.fx.GraphModule, example: torch.Tensor,
+                  path: str | Path) -> dict[str, Any]:
+    """Lower a float program (`executorch_float`) or an int8 reference model (`executorch_int8`, exported again at
+    `example`'s shape) to an XNNPACK-delegated ExecuTorch program at `path`."""
     with quiet_native():  # their imports print notices of their own
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
         from executorch.devtools.backend_debug import get_delegation_info
@@ -141,10 +182,8 @@ def to_executorch(module: torch.nn.Module, example: torch.Tensor, path: str | Pa
     try:
         with warnings.catch_warnings(), torch.no_grad(), quiet_native():
             warnings.simplefilter("ignore")
-            program = torch.export.export(module.eval(), (example,))
-            if method is not None:
-                program = torch.export.export(_pt2e_int8(program.module(), method, calibration or [example]),
-                                              (example,))
+            program = model if isinstance(model, torch.export.ExportedProgram) else torch.export.export(
+                model, (example,))
             edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
             info = get_delegation_info(edge.exported_program().graph_module)
             Path(path).write_bytes(edge.to_executorch().buffer)
@@ -199,22 +238,27 @@ def _integer_scalar_arithmetic_as_scalar_ops(graph_module) -> None:
         graph_module.recompile()
 
 
-def to_litert(module: torch.nn.Module, example: torch.Tensor, path: str | Path, method: str | None = None,
-              calibration: list[torch.Tensor] | None = None) -> dict[str, Any]:
-    """Convert `module(example)` (batch 1) to a LiteRT flatbuffer at `path`, int8 through ai-edge-quantizer."""
+def litert_float(module: torch.nn.Module, example: torch.Tensor, name: str) -> bytes:
+    """`module(example)` (batch 1) as a float LiteRT flatbuffer through litert-torch: what the float `.tflite` is
+    and each int8 method quantizes."""
     with quiet_native():  # its import prints notices of its own
         import litert_torch
 
-    path = Path(path)
     try:
         with warnings.catch_warnings(), torch.no_grad(), quiet_native():
             warnings.simplefilter("ignore")
-            content = litert_torch.convert(module.eval(), (example,)).model_content()
+            return litert_torch.convert(module.eval(), (example,)).model_content()
     except Exception as e:  # the converter raises many types; all mean "this tower does not convert"
-        raise ExportError(f"cannot convert {path.name} to LiteRT: {first_line(e)}") from e
+        raise ExportError(f"cannot convert {name} to LiteRT: {first_line(e)}") from e
+
+
+def to_litert(content: bytes, path: str | Path, method: str | None = None,
+              calibration: list[torch.Tensor] | None = None) -> dict[str, Any]:
+    """Write a float flatbuffer (`litert_float`), or its int8 by ai-edge-quantizer, to `path`."""
+    path = Path(path)
     if method is not None:
         with quiet_native():
-            content = _ai_edge_int8(content, method, calibration or [example])
+            content = _ai_edge_int8(content, method, calibration)
     path.write_bytes(content)
     with quiet_native():
         return litert_delegation(path)
