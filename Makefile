@@ -18,8 +18,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q -e '.[dev,phones]'
 	touch $@
 
+# --durations: the slowest tests are printed, to keep the suite within its 15 minutes on 2 cores
 test: install
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra --durations=15
 
 lint: install
 	$(VENV)/bin/ruff check .
