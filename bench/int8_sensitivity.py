@@ -20,36 +20,15 @@ import torch.nn.functional as F
 
 import mdmodels  # noqa: F401  (registers the shipped architectures)
 from export.parity import compare_embeddings
-from export.phones import _integer_scalar_arithmetic_as_scalar_ops, _LastAxisMean, _SumOfSquares, for_xnnpack
+from export.phones import executorch_float, executorch_int8, for_xnnpack, run_reference
 from export.towers import ImageEncoder, prepare_for_export, unit_layer_scales
 
 
 def quantized_min_cosine(encoder, calibration: torch.Tensor, test: torch.Tensor, reference, float_modules=()):
-    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
-        XNNPACKQuantizer,
-        get_symmetric_quantization_config,
-    )
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-
-    graph = torch.export.export(encoder, (test[:1],)).module()
-    _integer_scalar_arithmetic_as_scalar_ops(graph)
-    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True,
-                                                                                is_dynamic=False))
-    for statistic in (_SumOfSquares, _LastAxisMean):
-        quantizer.set_module_type(statistic, None)
-    if float_modules:
-        def quantized(node) -> bool:
-            paths = [v[0] for v in node.meta.get("nn_module_stack", {}).values()]
-            return not any(p == m or p.startswith(m + ".") for p in paths for m in float_modules)
-
-        quantizer.set_filter_function(quantized)
-    prepared = prepare_pt2e(graph, quantizer)
-    with torch.no_grad():
-        for i in range(len(calibration)):
-            prepared(calibration[i:i + 1])
-        converted = convert_pt2e(prepared)
-        out = torch.cat([converted(test[i:i + 1]) for i in range(len(test))]).numpy()
-    return compare_embeddings(reference, out)["min_cosine"]
+    """Static int8 of `encoder` as the exporter makes it, `float_modules` kept float, by its reference model."""
+    program = executorch_float(encoder, test[:1], "the image tower")
+    converted = executorch_int8(program, "static", [x[None] for x in calibration], keep_float=tuple(float_modules))
+    return compare_embeddings(reference, run_reference(converted, test))["min_cosine"]
 
 
 def main() -> None:

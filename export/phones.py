@@ -149,14 +149,15 @@ def executorch_float(module: torch.nn.Module, example: torch.Tensor, name: str) 
         raise ExportError(f"cannot export {name} for ExecuTorch: {first_line(e)}") from e
 
 
-def executorch_int8(program: torch.export.ExportedProgram, method: str, calibration: list[torch.Tensor]
-                    ) -> torch.fx.GraphModule:
+def executorch_int8(program: torch.export.ExportedProgram, method: str, calibration: list[torch.Tensor],
+                    keep_float: tuple[str, ...] = ()) -> torch.fx.GraphModule:
     """PT2E int8 of `program` by XNNPACK's quantizer: the quantize/dequantize reference model, which runs in PyTorch
-    with the int8 values the lowered program computes with, so a method can be checked before it is lowered."""
+    with the int8 values the lowered program computes with, so a method can be checked before it is lowered.
+    `keep_float` names modules (as `named_modules` does) whose operators stay float."""
     try:
         with warnings.catch_warnings(), torch.no_grad(), quiet_native():
             warnings.simplefilter("ignore")
-            return _pt2e_int8(program.module(), method, calibration)
+            return _pt2e_int8(program.module(), method, calibration, keep_float)
     except Exception as e:
         raise ExportError(f"XNNPACK's quantizer could not make {method} int8: {first_line(e)}") from e
 
@@ -198,7 +199,7 @@ def to_executorch(model: torch.export.ExportedProgram | torch.fx.GraphModule, ex
             "ops_outside_delegate": dict(sorted(outside.items()))}
 
 
-def _pt2e_int8(graph_module, method: str, calibration: list[torch.Tensor]):
+def _pt2e_int8(graph_module, method: str, calibration: list[torch.Tensor], keep_float: tuple[str, ...] = ()):
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
         XNNPACKQuantizer,
         get_symmetric_quantization_config,
@@ -212,6 +213,12 @@ def _pt2e_int8(graph_module, method: str, calibration: list[torch.Tensor]):
         quantizer.set_module_type(statistic, None)
     if method == "dynamic_matmul":
         quantizer.set_module_type(nn.Conv2d, None)
+    if keep_float:
+        def outside_kept_modules(node) -> bool:
+            paths = [v[0] for v in node.meta.get("nn_module_stack", {}).values()]
+            return not any(p == m or p.startswith(m + ".") for p in paths for m in keep_float)
+
+        quantizer.set_filter_function(outside_kept_modules)
     prepared = prepare_pt2e(graph_module, quantizer)
     for x in calibration if method == "static" else calibration[:1]:
         prepared(x)
