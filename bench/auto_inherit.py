@@ -12,11 +12,14 @@
           same KD and the same total steps (recipes/emoji-auto-inherit.yaml with the stages rewritten)
 
 Both are evaluated (test zero-shot top-1), exported to ONNX and benchmarked (batch-1 latency, onnxruntime, one
-thread), beside md-teacher-s itself. Prints a markdown table.
+thread), beside md-teacher-s itself. Prints a markdown table. With --seeds N M ..., both arms are trained once per
+seed (the first seed's runs keep the names manual/ and auto/, the others get -sN) and a second table gives each
+arm's top-1 per seed with its mean and standard deviation; latency and layout are those of the first seed.
 """
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -71,6 +74,7 @@ def main() -> None:
     parser.add_argument("--lambda-lr", type=float, default=None, help="override prune.lambda_lr of the recipe")
     parser.add_argument("--count", default="layers", choices=["layers", "all"],
                         help="which parameters the sparsity counts (recipe key prune.count)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="train both arms once per seed")
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--latency-runs", type=int, default=100)
     args = parser.parse_args()
@@ -83,16 +87,6 @@ def main() -> None:
     target = round(1 - student_params / teacher_params, 4)
     walls = {}
 
-    manual = Path(args.manual) if args.manual else out / "manual"
-    recorded = json.loads((manual / "mobiledistill.json").read_text())["recipe"] if manual.is_dir() else {}
-    if recorded and (recorded["steps"], recorded["batch_size"]) != (args.steps, args.batch_size):
-        manual = out / "manual"
-    if not (manual / "open_clip_config.json").is_file():
-        walls["manual"] = cli("distill", "--data", args.dr, "--student", "md-student-tiny", "--out", str(manual),
-                              "--config", "recipes/emoji-kd.yaml", "--inherit-from", str(teacher), "--steps",
-                              str(args.steps), "--batch-size", str(args.batch_size), f"eval_every={args.eval_every}",
-                              f"eval_data={data}")
-
     intermediate = [float(x) for x in args.stages.split(",") if x.strip()]
     targets = intermediate + [target]
     per_stage = [args.steps // len(targets)] * len(targets)
@@ -104,13 +98,30 @@ def main() -> None:
     if args.lambda_lr is not None:
         recipe["prune"]["lambda_lr"] = args.lambda_lr
     recipe["stages"] = [{"steps": n, "prune": {"target_sparsity": q}} for n, q in zip(per_stage, targets)]
-    recipe_path = out / "auto-recipe.yaml"
-    recipe_path.write_text("# written by bench/auto_inherit.py\n" + yaml.safe_dump(recipe, sort_keys=False))
-    auto = out / "auto"
-    if not (auto / "open_clip_config.json").is_file():
-        walls["auto"] = cli("distill", "--data", args.dr, "--student-from", str(teacher), "--recipe",
-                            str(recipe_path), "--out", str(auto), *(["--resume"] if auto.exists() else []),
-                            f"eval_every={args.eval_every}", f"eval_data={data}")
+
+    runs = {}  # seed -> (manual run, automatic run)
+    for i, seed in enumerate(args.seeds):
+        suffix = "" if i == 0 else f"-s{seed}"
+        manual = Path(args.manual) if args.manual and i == 0 else out / f"manual{suffix}"
+        recorded = json.loads((manual / "mobiledistill.json").read_text())["recipe"] if manual.is_dir() else {}
+        if recorded and (recorded["steps"], recorded["batch_size"], recorded.get("seed", 0)) != \
+                (args.steps, args.batch_size, seed):
+            manual = out / f"manual{suffix}"
+        if not (manual / "open_clip_config.json").is_file():
+            walls[manual.name] = cli(
+                "distill", "--data", args.dr, "--student", "md-student-tiny", "--out", str(manual), "--config",
+                "recipes/emoji-kd.yaml", "--inherit-from", str(teacher), "--steps", str(args.steps), "--batch-size",
+                str(args.batch_size), f"eval_every={args.eval_every}", f"eval_data={data}", f"seed={seed}")
+        recipe_path = out / f"auto-recipe{suffix}.yaml"
+        recipe_path.write_text("# written by bench/auto_inherit.py\n" +
+                               yaml.safe_dump({**recipe, "seed": seed}, sort_keys=False))
+        auto = out / f"auto{suffix}"
+        if not (auto / "open_clip_config.json").is_file():
+            walls[auto.name] = cli("distill", "--data", args.dr, "--student-from", str(teacher), "--recipe",
+                                   str(recipe_path), "--out", str(auto), *(["--resume"] if auto.exists() else []),
+                                   f"eval_every={args.eval_every}", f"eval_data={data}")
+        runs[seed] = (manual, auto)
+    manual, auto = runs[args.seeds[0]]
 
     rows = []
     for name, model_dir in (("md-teacher-s (the source)", teacher), ("manual inheritance (md-student-tiny)", manual),
@@ -148,6 +159,14 @@ def main() -> None:
             for tower, layout in prune["layout"].items():
                 print(f"  {name} {tower}: width {layout['width']}/{layout['from_width']}, heads "
                       f"{layout['layer_heads']}, MLP {layout['layer_mlp_widths']}")
+    if len(args.seeds) > 1:
+        print("\n| arm | " + " | ".join(f"seed {seed}" for seed in args.seeds) + " | mean | sd |")
+        print("|---|" + "---|" * (len(args.seeds) + 2))
+        for arm, name in ((0, "manual"), (1, "automatic")):
+            tops = [100 * json.loads((runs[seed][arm] / "mobiledistill.json").read_text())["evaluation"]["zeroshot"]
+                    ["top1"] for seed in args.seeds]
+            print(f"| {name} | " + " | ".join(f"{t:.1f}%" for t in tops) +
+                  f" | **{statistics.mean(tops):.1f}%** | {statistics.stdev(tops):.1f} |")
     print(f"\nwall: {walls}")
 
 
