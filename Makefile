@@ -18,9 +18,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q -e '.[dev,phones]'
 	touch $@
 
+# -n auto: one pytest-xdist worker per core, each test file on one worker (its module fixtures built once);
 # --durations: the slowest tests are printed, to keep the suite within its 15 minutes on 2 cores
 test: install
-	$(PY) -m pytest -q -ra --durations=15
+	$(PY) -m pytest -q -ra -n auto --dist loadfile --durations=15
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -2,6 +2,7 @@
 
 import io
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -64,6 +65,18 @@ def write_shapes_root(root: Path, per_pair: int = 3, size: int = 32, bad: bool =
     (root / "classnames.txt").write_text("\n".join(classes) + "\n")
     (root / "zeroshot_classification_templates.txt").write_text("a {c}.\na picture of a {c}.\n")
     return root
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (`make test` runs `-n auto`), the workers share the cores: each worker and what it starts
+    (the CLI in subprocesses, torchrun's children) gets its share of intra-op threads rather than all of them."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        threads = max(1, len(os.sched_getaffinity(0)) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session", autouse=True)
