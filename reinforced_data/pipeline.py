@@ -124,7 +124,7 @@ class Batch:
 
     @classmethod
     def collate(cls, examples: list[Example], **position: Any) -> "Batch":
-        return cls(torch.stack([e.image for e in examples]), [e.caption for e in examples],
+        return cls(_stack([e.image for e in examples]), [e.caption for e in examples],
                    [e.syn_caption for e in examples], _stack([e.teacher_image for e in examples]),
                    _stack([e.image_emb for e in examples]), _stack([e.text_emb for e in examples]),
                    _stack([e.syn_emb for e in examples]), **position)

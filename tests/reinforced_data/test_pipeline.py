@@ -8,7 +8,7 @@ import torch
 
 from reinforced_data.augment import AugmentationConfig
 from reinforced_data.examples import DistillExamples, ImageTextSource, ReinforcedSource
-from reinforced_data.pipeline import ExampleStream, StreamTracker, assign_shards, make_loader
+from reinforced_data.pipeline import Batch, Example, ExampleStream, StreamTracker, assign_shards, make_loader
 from reinforced_data.reader import read_info
 from tests.conftest import write_shapes_root
 
@@ -79,6 +79,21 @@ def test_a_resumed_worker_skips_to_its_place_without_decoding(three_shard_datase
     stream.make_example = lambda record, epoch, skips: decoded.append(record["key"]) or inner(record, epoch, skips)
     _take(stream, 0, 1)
     assert len(decoded) == 4  # one batch decoded, none of the 24 samples before it
+
+
+class _CollatedHere(torch.utils.data.IterableDataset):
+    """Yields where the tensors of a batch collated in this process live."""
+
+    def __iter__(self):
+        batch = Batch.collate([Example(torch.rand(3, 8, 8), "a", image_emb=torch.rand(4)) for _ in range(2)])
+        yield {"images": batch.images.is_shared(), "image_emb": batch.image_emb.is_shared()}
+
+
+def test_a_worker_collates_its_batch_straight_into_shared_memory():
+    """Sending a batch to the training process copies every tensor not yet in shared memory: a worker stacks the
+    images (the largest part) and the embeddings there at once, as torch's default collate does."""
+    assert next(iter(make_loader(_CollatedHere(), 1, seed=0))) == {"images": True, "image_emb": True}
+    assert next(iter(_CollatedHere())) == {"images": False, "image_emb": False}  # in process: ordinary memory
 
 
 def test_uneven_shards_keep_every_process_fed(tmp_path):
