@@ -1,6 +1,7 @@
 """The data path at work: parallel decoding, each process's share, bounded joins. Ratios measured in one run.
 
     python bench/data_path.py --out runs/bench-data [--images 600 --shards 12]
+    python bench/data_path.py --out runs/bench-data3 --only loader,distill --dr runs/bench-data/dr-w0
 
 On an image-text set of 512x384 JPEGs that the script draws itself (gradients, shapes and grain, about the size of
 web photos as JPEG):
@@ -161,6 +162,9 @@ def peak_rss_mb(argv: list[str]) -> float:
     return int(line.split()[1]) / 1024
 
 
+PARTS = ("reinforce", "loader", "distill", "processes", "join")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/bench-data")
@@ -169,100 +173,116 @@ def main() -> None:
     parser.add_argument("--num-augs", type=int, default=10)
     parser.add_argument("--distill-steps", type=int, default=25)
     parser.add_argument("--join-sizes", default="500,2000", help="sizes of the two embeddings-only sets")
+    parser.add_argument("--only", default=",".join(PARTS),
+                        help=f"comma-separated measures among {','.join(PARTS)} (default: all); without reinforce, "
+                             "the others read the reinforced set --dr")
+    parser.add_argument("--dr", default=None, help="a reinforced set of this script's photos (dr-w0 of an earlier "
+                        "--out), for --only without reinforce")
     args = parser.parse_args()
+    parts = [x.strip() for x in args.only.split(",") if x.strip()]
+    if unknown := sorted(set(parts) - set(PARTS)):
+        parser.error(f"--only: unknown measures {unknown} (choose among {', '.join(PARTS)})")
+    if "reinforce" not in parts and not args.dr and set(parts) & {"loader", "distill", "processes"}:
+        parser.error("--only without reinforce needs --dr, a reinforced set to read")
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    photos = write_photo_set(out / "photos", args.images, args.shards)
-    photo_bytes = dataset_bytes(photos)
-    print(f"{args.images} JPEGs of 512x384 in {args.shards} shards, {photo_bytes / args.images / 1024:.0f} KiB each")
-    teachers = []
-    for arch in ("md-teacher-s", "md-teacher-m"):
-        torch.manual_seed(0)
-        loaded = load_model(arch, warn_random=False)
-        teachers.append(str(save_model_dir(loaded.model, loaded.model_cfg, out / arch, tokenizer=loaded.tokenizer)))
     results = {}
+    teachers = []
+    if set(parts) & {"reinforce", "join"}:
+        for arch in ("md-teacher-s", "md-teacher-m"):
+            torch.manual_seed(0)
+            loaded = load_model(arch, warn_random=False)
+            teachers.append(str(save_model_dir(loaded.model, loaded.model_cfg, out / arch,
+                                               tokenizer=loaded.tokenizer)))
+    dr = Path(args.dr) if args.dr else out / "dr-w0"
+    print("\n| measure | 0 workers | 2 workers | ratio | goal |", flush=True)
+    print("|---|---|---|---|---|", flush=True)
 
-    rates = {}
-    for workers in (0, 2):  # the command line in a fresh process each, as a user runs it
-        start = time.perf_counter()
-        cli(["reinforce", "--data", str(photos), "--teacher", teachers[0], "--teacher", teachers[1],
-             "--num-augs", str(args.num_augs), "--num-captions", "0", "--aug-size", "256", "--dtype", "fp16",
-             "--num-workers", str(workers), "--out", str(out / f"dr-w{workers}")])
-        rates[workers] = args.images / (time.perf_counter() - start)
-    identical = members(out / "dr-w0") == members(out / "dr-w2")
-    # where a reinforce run's time goes: its input pipeline alone, and the teachers alone on ready views
-    pipeline_rates = {w: reinforce_input_rate(photos, w, args.num_augs) for w in (0, 2)}
-    teacher_rate = teachers_rate(teachers, args.num_augs)
-    results["reinforce"] = {"images_per_s": rates, "ratio": rates[2] / rates[0], "identical": identical,
-                            "input_pipeline_images_per_s": pipeline_rates, "teachers_images_per_s": teacher_rate}
-    dr = out / "dr-w0"
+    if "reinforce" in parts:
+        photos = write_photo_set(out / "photos", args.images, args.shards)
+        print(f"({args.images} JPEGs of 512x384 in {args.shards} shards, "
+              f"{dataset_bytes(photos) / args.images / 1024:.0f} KiB each)", flush=True)
+        rates = {}
+        for workers in (0, 2):  # the command line in a fresh process each, as a user runs it
+            start = time.perf_counter()
+            cli(["reinforce", "--data", str(photos), "--teacher", teachers[0], "--teacher", teachers[1],
+                 "--num-augs", str(args.num_augs), "--num-captions", "0", "--aug-size", "256", "--dtype", "fp16",
+                 "--num-workers", str(workers), "--out", str(out / f"dr-w{workers}")])
+            rates[workers] = args.images / (time.perf_counter() - start)
+        identical = members(out / "dr-w0") == members(out / "dr-w2")
+        # where a reinforce run's time goes: its input pipeline alone, and the teachers alone on ready views
+        pipeline_rates = {w: reinforce_input_rate(photos, w, args.num_augs) for w in (0, 2)}
+        teacher_rate = teachers_rate(teachers, args.num_augs)
+        results["reinforce"] = {"images_per_s": rates, "ratio": rates[2] / rates[0], "identical": identical,
+                                "input_pipeline_images_per_s": pipeline_rates, "teachers_images_per_s": teacher_rate}
+        print(f"| reinforce, K={args.num_augs}, images/s | {rates[0]:.1f} | {rates[2]:.1f} | "
+              f"{rates[2] / rates[0]:.2f} | >= 1.5 |", flush=True)
+        print(f"(reinforce outputs identical with 0 and 2 workers: {identical}; its input pipeline alone: "
+              f"{pipeline_rates[0]:.1f} images/s with 0 workers, {pipeline_rates[2]:.1f} with 2; the two teachers "
+              f"alone: {teacher_rate:.1f} images/s)", flush=True)
 
-    batch = 32
-    loader = {w: loader_rate(dr, w, batch, (2 * args.images) // batch) for w in (0, 2)}
-    results["loader"] = {"samples_per_s": loader, "ratio": loader[2] / loader[0]}
+    if "loader" in parts:
+        batch = 32
+        loader = {w: loader_rate(dr, w, batch, (2 * args.images) // batch) for w in (0, 2)}
+        results["loader"] = {"samples_per_s": loader, "ratio": loader[2] / loader[0]}
+        print(f"| loader alone to 256 px, samples/s | {loader[0]:.0f} | {loader[2]:.0f} | "
+              f"{loader[2] / loader[0]:.2f} | >= 1.8 |", flush=True)
 
-    distill_rates = {}
-    for workers in (0, 2):
-        run = out / f"distill-w{workers}"
-        cli(["distill", "--data", str(dr), "--out", str(run), "--steps", str(args.distill_steps), "--batch-size", "64",
-             "--num-workers", str(workers), "log_every=1", "warmup_steps=2", "eval_split=none"])
-        distill_rates[workers] = steps_per_second(run, warmup=3)
-    results["distill"] = {"steps_per_s": distill_rates, "ratio": distill_rates[2] / distill_rates[0]}
+    if "distill" in parts:
+        distill_rates = {}
+        for workers in (0, 2):
+            run = out / f"distill-w{workers}"
+            cli(["distill", "--data", str(dr), "--out", str(run), "--steps", str(args.distill_steps), "--batch-size",
+                 "64", "--num-workers", str(workers), "log_every=1", "warmup_steps=2", "eval_split=none"])
+            distill_rates[workers] = steps_per_second(run, warmup=3)
+        results["distill"] = {"steps_per_s": distill_rates, "ratio": distill_rates[2] / distill_rates[0]}
+        print(f"| distill md-student-tiny 64 px, steps/s | {distill_rates[0]:.3f} | {distill_rates[2]:.3f} | "
+              f"{distill_rates[2] / distill_rates[0]:.2f} | >= 1.4 |", flush=True)
 
-    # Three quarters of an epoch of each process's half at 32 samples a process a step: its shuffle buffer (2000)
-    # holds its whole share, so what it read is its share once, with no prefetch into the next epoch.
-    steps = max(1, (3 * args.images) // (4 * 64))
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "distill", "distill", "--data", str(dr), "--out", str(out / "two-processes"),
-                          "--steps", str(steps), "--batch-size", "64", "--num-workers", "1", "eval_split=none"],
-                         cwd=REPO, env=env, capture_output=True, text=True)
-    if two.returncode:
-        raise SystemExit(f"two-process run failed: {two.stderr[-3000:]}")
-    provenance = json.loads((out / "two-processes" / "mobiledistill.json").read_text())
-    per_process = provenance["train"]["data"]["bytes_read_per_process"]
-    total = dataset_bytes(dr)
-    results["two_processes"] = {"steps": steps, "dataset_bytes": total, "bytes_read_per_process": per_process,
-                                "fraction": [b / total for b in per_process]}
+    if "processes" in parts:
+        # Three quarters of an epoch of each process's half at 32 samples a process a step: its shuffle buffer
+        # (2000) holds its whole share, so what it read is its share once, with no prefetch into the next epoch.
+        steps = max(1, (3 * args.images) // (4 * 64))
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                              "-m", "distill", "distill", "--data", str(dr), "--out", str(out / "two-processes"),
+                              "--steps", str(steps), "--batch-size", "64", "--num-workers", "1", "eval_split=none"],
+                             cwd=REPO, env=env, capture_output=True, text=True)
+        if two.returncode:
+            raise SystemExit(f"two-process run failed: {two.stderr[-3000:]}")
+        provenance = json.loads((out / "two-processes" / "mobiledistill.json").read_text())
+        per_process = provenance["train"]["data"]["bytes_read_per_process"]
+        total = dataset_bytes(dr)
+        fractions = [b / total for b in per_process]
+        results["two_processes"] = {"steps": steps, "dataset_bytes": total, "bytes_read_per_process": per_process,
+                                    "fraction": fractions}
+        print(f"two processes, {steps} steps (within one epoch of each share): bytes read / dataset bytes = "
+              f"{', '.join(f'{f:.3f}' for f in fractions)} (goal <= 0.55)", flush=True)
 
-    small, large = (int(n) for n in args.join_sizes.split(","))
-    memory = {}
-    for count in (small, large):
-        images = write_photo_set(out / f"join-images-{count}", count, max(1, count // 100))
-        bare = out / f"join-dr-{count}"
-        reinforce(str(images), teachers[:1], bare, ReinforceConfig(num_augs=2, num_captions=0, store_images=False,
-                                                                  augmentation=AugmentationConfig(size=64)),
-                  progress=False)
-        memory[count] = {
-            "distill": peak_rss_mb(["distill", "--data", str(bare), "--images", str(images), "--out",
-                                    str(out / f"join-run-{count}"), "--steps", "40", "--batch-size", "64",
-                                    "--num-workers", "0", "shuffle_buffer=256", "eval_split=none"]),
-            "inspect": peak_rss_mb(["inspect", str(bare), "--images", str(images), "--html",
-                                    str(out / f"join-{count}.html")]),
-        }
-    results["join_memory_mb"] = {**{str(k): v for k, v in memory.items()},
-                                 "growth": {k: memory[large][k] - memory[small][k] for k in ("distill", "inspect")}}
+    if "join" in parts:
+        small, large = (int(n) for n in args.join_sizes.split(","))
+        memory = {}
+        for count in (small, large):
+            images = write_photo_set(out / f"join-images-{count}", count, max(1, count // 100))
+            bare = out / f"join-dr-{count}"
+            reinforce(str(images), teachers[:1], bare, ReinforceConfig(
+                num_augs=2, num_captions=0, store_images=False, augmentation=AugmentationConfig(size=64)),
+                progress=False)
+            memory[count] = {
+                "distill": peak_rss_mb(["distill", "--data", str(bare), "--images", str(images), "--out",
+                                        str(out / f"join-run-{count}"), "--steps", "40", "--batch-size", "64",
+                                        "--num-workers", "0", "shuffle_buffer=256", "eval_split=none"]),
+                "inspect": peak_rss_mb(["inspect", str(bare), "--images", str(images), "--html",
+                                        str(out / f"join-{count}.html")]),
+            }
+        results["join_memory_mb"] = {**{str(k): v for k, v in memory.items()},
+                                     "growth": {k: memory[large][k] - memory[small][k] for k in ("distill", "inspect")}}
+        print(f"peak RSS, {small} -> {large} samples: distill --images {memory[small]['distill']:.0f} -> "
+              f"{memory[large]['distill']:.0f} MB, inspect --images {memory[small]['inspect']:.0f} -> "
+              f"{memory[large]['inspect']:.0f} MB (goal: growth < 60 MB)")
+
     (out / "results.json").write_text(json.dumps(results, indent=2))
-
-    r = results
-    print("\n| measure | 0 workers | 2 workers | ratio | goal |")
-    print("|---|---|---|---|---|")
-    print(f"| reinforce, K={args.num_augs}, images/s | {rates[0]:.1f} | {rates[2]:.1f} | {r['reinforce']['ratio']:.2f} "
-          f"| >= 1.5 |")
-    print(f"| loader alone to 256 px, samples/s | {loader[0]:.0f} | {loader[2]:.0f} | {r['loader']['ratio']:.2f} "
-          f"| >= 1.8 |")
-    print(f"| distill md-student-tiny 64 px, steps/s | {distill_rates[0]:.3f} | {distill_rates[2]:.3f} | "
-          f"{r['distill']['ratio']:.2f} | >= 1.4 |")
-    print(f"\nreinforce outputs identical with 0 and 2 workers: {identical}")
-    print(f"reinforce's input pipeline alone: {pipeline_rates[0]:.1f} images/s with 0 workers, "
-          f"{pipeline_rates[2]:.1f} with 2; the two teachers alone: {teacher_rate:.1f} images/s")
-    fractions = ", ".join(f"{f:.3f}" for f in r["two_processes"]["fraction"])
-    print(f"two processes, {steps} steps (within one epoch of each share): bytes read / dataset bytes = {fractions} "
-          "(goal <= 0.55)")
-    print(f"peak RSS, {small} -> {large} samples: distill --images {memory[small]['distill']:.0f} -> "
-          f"{memory[large]['distill']:.0f} MB, inspect --images {memory[small]['inspect']:.0f} -> "
-          f"{memory[large]['inspect']:.0f} MB (goal: growth < 60 MB)")
     print(f"ru_maxrss of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
 
 
