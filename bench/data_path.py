@@ -195,14 +195,15 @@ def main() -> None:
             loaded = load_model(arch, warn_random=False)
             teachers.append(str(save_model_dir(loaded.model, loaded.model_cfg, out / arch,
                                                tokenizer=loaded.tokenizer)))
-    dr = Path(args.dr) if args.dr else out / "dr-w0"
+    dr = out / "dr-w0" if "reinforce" in parts else Path(args.dr or "")  # the set reinforce makes, else --dr
+    notes = []  # printed below the table, which they would break
     print("\n| measure | 0 workers | 2 workers | ratio | goal |", flush=True)
     print("|---|---|---|---|---|", flush=True)
 
     if "reinforce" in parts:
         photos = write_photo_set(out / "photos", args.images, args.shards)
-        print(f"({args.images} JPEGs of 512x384 in {args.shards} shards, "
-              f"{dataset_bytes(photos) / args.images / 1024:.0f} KiB each)", flush=True)
+        notes.append(f"{args.images} JPEGs of 512x384 in {args.shards} shards, "
+                     f"{dataset_bytes(photos) / args.images / 1024:.0f} KiB each")
         rates = {}
         for workers in (0, 2):  # the command line in a fresh process each, as a user runs it
             start = time.perf_counter()
@@ -218,9 +219,9 @@ def main() -> None:
                                 "input_pipeline_images_per_s": pipeline_rates, "teachers_images_per_s": teacher_rate}
         print(f"| reinforce, K={args.num_augs}, images/s | {rates[0]:.1f} | {rates[2]:.1f} | "
               f"{rates[2] / rates[0]:.2f} | >= 1.5 |", flush=True)
-        print(f"(reinforce outputs identical with 0 and 2 workers: {identical}; its input pipeline alone: "
-              f"{pipeline_rates[0]:.1f} images/s with 0 workers, {pipeline_rates[2]:.1f} with 2; the two teachers "
-              f"alone: {teacher_rate:.1f} images/s)", flush=True)
+        notes.append(f"reinforce outputs identical with 0 and 2 workers: {identical}; its input pipeline alone: "
+                     f"{pipeline_rates[0]:.1f} images/s with 0 workers, {pipeline_rates[2]:.1f} with 2; the two "
+                     f"teachers alone: {teacher_rate:.1f} images/s")
 
     if "loader" in parts:
         batch = 32
@@ -239,6 +240,8 @@ def main() -> None:
         results["distill"] = {"steps_per_s": distill_rates, "ratio": distill_rates[2] / distill_rates[0]}
         print(f"| distill md-student-tiny 64 px, steps/s | {distill_rates[0]:.3f} | {distill_rates[2]:.3f} | "
               f"{distill_rates[2] / distill_rates[0]:.2f} | >= 1.4 |", flush=True)
+
+    print("\n" + "\n".join(notes) if notes else "", flush=True)
 
     if "processes" in parts:
         # Three quarters of an epoch of each process's half at 32 samples a process a step: its shuffle buffer

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import webdataset as wds
 
+from mdcore.threads import usable_cores
 from reinforced_data.locations import bytes_read
 from reinforced_data.shards import SkipLog
 
@@ -41,12 +42,8 @@ def stable_seed(*parts: Any) -> int:
 
 def default_num_workers() -> int:
     """Workers per process: the cores this process may use, less one for the process itself (at most 8)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return max(0, min(8, cores // max(1, local_processes) - 1))
+    return max(0, min(8, usable_cores() // max(1, local_processes) - 1))
 
 
 @dataclass(frozen=True)

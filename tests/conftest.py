@@ -74,7 +74,9 @@ def pytest_configure(config):
     if workers > 1:
         import torch
 
-        threads = max(1, len(os.sched_getaffinity(0)) // workers)
+        from mdcore.threads import usable_cores
+
+        threads = max(1, usable_cores() // workers)
         os.environ["OMP_NUM_THREADS"] = str(threads)
         torch.set_num_threads(threads)
 
