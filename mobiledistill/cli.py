@@ -119,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     rf.add_argument("--no-rand-augment", action="store_true", help="crops only")
     rf.add_argument("--embeddings-only", action="store_true", help="do not copy images (join them by key later)")
     rf.add_argument("--num-workers", type=int, default=None, help=_WORKERS_HELP)
+    rf.add_argument("--compile", action="store_true",
+                    help="torch.compile the captioners' decoding step: faster captions after a compile of seconds to "
+                         "a minute (sampled captions are then those of the compiled kernels)")
     rf.set_defaults(func="cmd_reinforce", paths=_Paths(("data", "teacher", "captioner", "images", "add_to"),
                                                       (("out", "--out"),)))
 

@@ -125,7 +125,8 @@ def cmd_reinforce(args: argparse.Namespace) -> int:
                                       scale=(args.crop_scale_min, 1.0), rand_augment=not args.no_rand_augment)
     config = ReinforceConfig(num_augs=args.num_augs, num_captions=args.num_captions, dtype=args.dtype, seed=args.seed,
                              batch_size=args.batch_size, store_images=not args.embeddings_only,
-                             augmentation=augmentation, num_workers=args.num_workers)
+                             augmentation=augmentation, num_workers=args.num_workers,
+                             compile_captioners=args.compile)
     result = reinforce(args.data, args.teacher, args.out, config, captioners=args.captioner or [], split=args.split)
     if result:  # only the main process writes the summary
         counts = result["counts"]
@@ -143,7 +144,8 @@ def _add_to(args: argparse.Namespace) -> int:
         raise UserInputError("--add-to adds one --captioner SPEC:TAG or one --teacher SPEC at a time")
     result = extend_reinforced(args.add_to, captioner=(args.captioner or [None])[0],
                                teacher=(args.teacher or [None])[0], num_captions=args.num_captions,
-                               images=args.images, batch_size=max(1, args.batch_size // max(1, args.num_captions)))
+                               images=args.images, batch_size=max(1, args.batch_size // max(1, args.num_captions)),
+                               compile=args.compile)
     added = result["extensions"][-1]
     print(f"extended {args.add_to}: added {added['op']} {added['spec']} in {added['wall_s']} s "
           f"({len(result['teachers'])} teachers, caption sets: "

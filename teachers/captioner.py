@@ -28,7 +28,7 @@ GROUP = 8  # images per decoding forward pass (with their captions)
 class Captioner(nn.Module):
     """A frozen CoCa model that generates captions."""
 
-    def __init__(self, loaded: LoadedModel):
+    def __init__(self, loaded: LoadedModel, compile: bool = False):
         super().__init__()
         if not loaded.is_coca:
             raise UserInputError(f"{loaded.spec} is not a captioner: expected an open_clip CoCa model")
@@ -39,6 +39,9 @@ class Captioner(nn.Module):
         self.spec: ModelSpec = loaded.spec
         self.sot_id = getattr(self.tokenizer, "sot_token_id", _SOT_DEFAULT)
         self.eot_id = getattr(self.tokenizer, "eot_token_id", _EOT_DEFAULT)
+        self.decoder = CachedCoCa(self.model)
+        self.compile = compile  # decode with the torch.compile'd fixed-shape step (CachedCoCa.compiled)
+        self._compiled_shapes: set[tuple] = set()  # (rows, max_len, dtype) the one-thread step was compiled for
         super().train(False)
 
     def train(self, mode: bool = True) -> "Captioner":
@@ -66,7 +69,9 @@ class Captioner(nn.Module):
         `max_len` and `min_len` count tokens as open_clip's `generate` counts `seq_len` and `min_seq_len` (start
         and end tokens included; the end token is refused before `min_len`), and greedy decoding gives the tokens
         of open_clip's `generate(generation_type="top_k", top_k=1)`. Decoding is key-value cached
-        (`teachers.coca_decoding`), each image encoded once for all its captions.
+        (`teachers.coca_decoding`), each image encoded once for all its captions; with `compile` the step is
+        torch.compile'd, whose kernels round differently, so sampled captions are then those of the compiled
+        decoder (still independent of the batch and the processes).
 
         Images are decoded in groups of `GROUP` images (their captions form one batch), the last group padded with
         blank rows, so every forward pass has the same shape. CPU and GPU matrix kernels pick their blocking from
@@ -107,9 +112,13 @@ class Captioner(nn.Module):
         if device.type != "cpu":
             return [c for start in starts for c in caption_group(start)]
         # On a CPU, kernels also split their sums by the intra-op thread count, which differs between one process
-        # and several sharing the cores: each group is decoded on one thread, groups in parallel.
+        # and several sharing the cores: each group is decoded on one thread, groups in parallel. A compiled step
+        # is compiled by the first group alone, before the others run beside each other.
         with torch_threads(1) as workers, ThreadPoolExecutor(workers) as pool:
-            return [c for group in pool.map(caption_group, starts) for c in group]
+            shape = (GROUP * num_captions, max_len, pixels.dtype)
+            first = caption_group(0) if self.compile and starts and shape not in self._compiled_shapes else []
+            self._compiled_shapes.add(shape)
+            return first + [c for group in pool.map(caption_group, starts[1 if first else 0:]) for c in group]
 
     @torch.no_grad()
     def decode(self, pixels: torch.Tensor, rows_per_image: int, generators: list[torch.Generator] | None,
@@ -121,15 +130,18 @@ class Captioner(nn.Module):
         the pad id, which is then repeated."""
         model = self.model
         _, image_embs = model._encode_image(pixels)  # (G, T, W): each image once, for all its rows
-        decoder = CachedCoCa(model)
+        decoder = self.decoder
         state = decoder.start(image_embs, rows_per_image, max_len)
+        step = decoder.compiled(pixels.device) if self.compile else decoder.step
         n = len(pixels) * rows_per_image
         device = pixels.device
         pad = model.pad_id
-        tokens = torch.full((n, 1), self.sot_id, dtype=torch.long, device=device)  # (N, 1)
+        last = torch.full((n,), self.sot_id, dtype=torch.long, device=device)  # (N,) the token fed next
+        tokens = [last]
         done = torch.zeros(n, dtype=torch.bool, device=device) if padding is None else padding.clone()
         for position in range(max_len - 1):
-            logits = decoder.step(state, tokens[:, -1], position)  # (N, V)
+            at = torch.tensor([position], device=device) if self.compile else position
+            logits = step(state, last, at)  # (N, V)
             length = position + 1  # tokens so far, the start token included
             if length < min_len:
                 logits[:, self.eot_id] = float("-inf")
@@ -139,12 +151,12 @@ class Captioner(nn.Module):
                 next_token = logits.argmax(dim=-1)
             else:
                 next_token = _sample_top_p(logits / temperature, top_p, generators)
-            next_token = torch.where(done, torch.full_like(next_token, pad), next_token)
-            tokens = torch.cat([tokens, next_token[:, None]], dim=1)
-            done |= (next_token == self.eot_id) | (next_token == pad)
+            last = torch.where(done, torch.full_like(next_token, pad), next_token)
+            tokens.append(last)
+            done |= (last == self.eot_id) | (last == pad)
             if bool(done.all()):
                 break
-        return tokens
+        return torch.stack(tokens, dim=1)
 
     def _decode(self, ids: list[int]) -> str:
         ids = ids[1:]
@@ -229,5 +241,5 @@ def _sample_top_p(logits: torch.Tensor, top_p: float, generators: list[torch.Gen
     return torch.stack(tokens)
 
 
-def load_captioner(spec: str | ModelSpec, device: str | torch.device = "cpu") -> Captioner:
-    return Captioner(load_model(spec, device=device))
+def load_captioner(spec: str | ModelSpec, device: str | torch.device = "cpu", compile: bool = False) -> Captioner:
+    return Captioner(load_model(spec, device=device), compile=compile)

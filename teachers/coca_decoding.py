@@ -11,8 +11,16 @@ layer scales and projections are the model's own modules, called as they are; at
 The text tower's key mask follows open_clip's: with the legacy CLS mask of existing CoCa weights the key at
 position k is masked when the token at k - 1 is the pad id (0, which is also a real token), with the corrected one
 when the token at k is; causal attention makes that mask cacheable.
+
+At one row per step the decoders are matrix-vector products, bound by reading each weight once per token, and the
+step is a few hundred small operators. `CachedCoCa.compiled()` gives the same step at a fixed shape (the position
+a tensor, attention over the whole cache with the later positions masked) through `torch.compile`: its operators
+fuse, and on a CPU a one-row linear layer becomes a fused multiply-and-sum that streams the weight at memory speed
+(inductor's decompose_mm pass; a one-row BLAS call reads it at a third of that). Compiled CPU kernels depend on
+the intra-op thread count, so there is one compiled step per device type and thread count.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -21,16 +29,25 @@ from torch import nn
 
 __all__ = ["CachedCoCa", "DecodeState"]
 
+# Always: no guard on the model's modules (a step never changes them; the state's tensors are still guarded).
+# On a CPU also inductor's pass that turns one-row matrix products into fused multiply-and-sum reductions, and its
+# C++ wrapper, which runs the graph without Python between kernels and without the GIL, so that threads decoding
+# groups beside each other (`Captioner.generate`) do run in parallel.
+_GUARDS = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+_CPU_OPTIONS = {"post_grad_fusion_options": {"decompose_mm_pass": {}}, "cpp_wrapper": True}
+
 
 @dataclass
 class DecodeState:
-    """The caches of N rows decoding together: per layer keys and values (N, heads, max_len, head_dim)."""
+    """The caches of N rows decoding together, each tower's layers stacked: keys and values
+    (layers, N, heads, max_len, head_dim)."""
 
-    text_keys: list[torch.Tensor]
-    text_values: list[torch.Tensor]
-    decoder_keys: list[torch.Tensor]
-    decoder_values: list[torch.Tensor]
-    cross: list[tuple[torch.Tensor, torch.Tensor]]  # per decoder layer, (N, heads, image tokens, head_dim) each
+    text_keys: torch.Tensor
+    text_values: torch.Tensor
+    decoder_keys: torch.Tensor
+    decoder_values: torch.Tensor
+    cross_keys: torch.Tensor  # (decoder layers, N, heads, image tokens, head_dim), computed once per image
+    cross_values: torch.Tensor
     text_valid: torch.Tensor  # (N, max_len) bool: which text-tower keys may be attended to
     previous: torch.Tensor  # (N,) the token fed at the last step (the legacy mask looks one token back)
 
@@ -60,6 +77,7 @@ class CachedCoCa:
                 raise ValueError("cached decoding needs attention with one packed input projection")
         self.legacy_mask = text.cls_emb is not None and not getattr(text, "correct_cls_mask", False)
         self.pad_id = getattr(text, "pad_id", 0)
+        self._compiled: dict[tuple[str, int], Callable] = {}
 
     @torch.no_grad()
     def start(self, image_embs: torch.Tensor, rows_per_image: int, max_len: int) -> DecodeState:
@@ -68,36 +86,44 @@ class CachedCoCa:
         n = image_embs.shape[0] * rows_per_image
         device, dtype = image_embs.device, image_embs.dtype
 
-        def empty(block) -> torch.Tensor:
-            heads = block.attn.num_heads
-            return torch.zeros(n, heads, max_len, block.attn.embed_dim // heads, device=device, dtype=dtype)
+        def empty(blocks) -> torch.Tensor:
+            attn = blocks[0].attn
+            return torch.zeros(len(blocks), n, attn.num_heads, max_len, attn.embed_dim // attn.num_heads,
+                               device=device, dtype=dtype)
 
-        cross = []
+        cross_keys, cross_values = [], []
         for _, block in self.decoder_blocks:
             memory = block.ln_1_kv(image_embs)  # (G, T, W)
             width = block.attn.embed_dim
             weight, bias = block.attn.in_proj_weight, block.attn.in_proj_bias
             keys = F.linear(memory, weight[width:2 * width], bias[width:2 * width] if bias is not None else None)
             values = F.linear(memory, weight[2 * width:], bias[2 * width:] if bias is not None else None)
-            cross.append(tuple(_heads(t, block.attn.num_heads).repeat_interleave(rows_per_image, dim=0)
-                               for t in (keys, values)))  # (N, heads, T, d)
-        return DecodeState([empty(b) for b in self.text_blocks], [empty(b) for b in self.text_blocks],
-                           [empty(b) for b, _ in self.decoder_blocks], [empty(b) for b, _ in self.decoder_blocks],
-                           cross, torch.zeros(n, max_len, dtype=torch.bool, device=device),
+            cross_keys.append(_heads(keys, block.attn.num_heads).repeat_interleave(rows_per_image, dim=0))
+            cross_values.append(_heads(values, block.attn.num_heads).repeat_interleave(rows_per_image, dim=0))
+        text_blocks, decoder_blocks = self.text_blocks, [b for b, _ in self.decoder_blocks]
+        return DecodeState(empty(text_blocks), empty(text_blocks), empty(decoder_blocks), empty(decoder_blocks),
+                           torch.stack(cross_keys), torch.stack(cross_values),
+                           torch.zeros(n, max_len, dtype=torch.bool, device=device),
                            torch.full((n,), -1, dtype=torch.long, device=device))
 
     @staticmethod
-    def _self_attention(block, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, position: int,
-                        valid: torch.Tensor | None) -> torch.Tensor:
-        """One residual block's self-attention for the new position, its key and value added to the cache."""
+    def _self_attention(block, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                        position: int | torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """One residual block's self-attention for the new position, its key and value added to the cache
+        (N, heads, max_len, d). At an int position the attention reads the cache up to it; at a tensor position
+        (1,) it reads the whole cache, `mask` (N or 1, 1, 1, max_len) hiding the later positions."""
         attn = block.attn
         q, k, v = (_heads(t, attn.num_heads) for t in F.linear(block.ln_1(x), attn.in_proj_weight,
                                                                attn.in_proj_bias).chunk(3, dim=-1))
-        keys[:, :, position] = k[:, :, 0]
-        values[:, :, position] = v[:, :, 0]
-        mask = valid[:, None, None, :position + 1] if valid is not None else None  # (N, 1, 1, P)
-        out = F.scaled_dot_product_attention(q, keys[:, :, :position + 1], values[:, :, :position + 1],
-                                             attn_mask=mask)  # (N, heads, 1, d)
+        if isinstance(position, int):
+            keys[:, :, position] = k[:, :, 0]
+            values[:, :, position] = v[:, :, 0]
+            keys, values = keys[:, :, :position + 1], values[:, :, :position + 1]
+            mask = mask[..., :position + 1] if mask is not None else None
+        else:
+            keys.index_copy_(2, position, k)
+            values.index_copy_(2, position, v)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (N, heads, 1, d)
         return x + block.ls_1(attn.out_proj(_merge(out)))
 
     @staticmethod
@@ -110,25 +136,45 @@ class CachedCoCa:
         return x + block.ls_1(attn.out_proj(_merge(out)))
 
     @torch.no_grad()
-    def step(self, state: DecodeState, tokens: torch.Tensor, position: int) -> torch.Tensor:
-        """Feed `tokens` (N,) at `position`; returns the logits (N, vocabulary) of the token after it."""
+    def step(self, state: DecodeState, tokens: torch.Tensor, position: int | torch.Tensor) -> torch.Tensor:
+        """Feed `tokens` (N,) at `position` (an int, or a long tensor (1,) for the fixed-shape step); returns the
+        logits (N, vocabulary) of the token after it."""
         text = self.text
-        x = text.token_embedding(tokens)[:, None] + text.positional_embedding[position]  # (N, 1, W)
-        x = x.to(state.text_keys[0].dtype)
+        fixed = not isinstance(position, int)
+        at = position if fixed else torch.tensor([position], device=tokens.device)
+        x = text.token_embedding(tokens)[:, None] + text.positional_embedding.index_select(0, at)  # (N, 1, W)
+        x = x.to(state.text_keys.dtype)
         looked_at = state.previous if self.legacy_mask else tokens
-        state.text_valid[:, position] = (looked_at != self.pad_id) | (position == 0 if self.legacy_mask else False)
-        state.previous = tokens
+        now = looked_at != self.pad_id
+        if self.legacy_mask:
+            now = now | (at == 0)
+        state.text_valid.index_copy_(1, at, now[:, None])
+        state.previous.copy_(tokens)
+        causal = torch.arange(state.text_valid.shape[1], device=tokens.device) <= at  # (max_len,)
+        text_mask = (state.text_valid & causal)[:, None, None]  # (N, 1, 1, max_len)
+        decoder_mask = causal[None, None, None] if fixed else None
         for i, block in enumerate(self.text_blocks):
-            x = self._self_attention(block, x, state.text_keys[i], state.text_values[i], position, state.text_valid)
+            x = self._self_attention(block, x, state.text_keys[i], state.text_values[i], position, text_mask)
             x = x + block.ls_2(block.mlp(block.ln_2(x)))
         if text.cls_emb is None:  # CoCa's CLS variant hands its tokens on without the final norm
             x = text.ln_final(x)
         for i, (block, cross) in enumerate(self.decoder_blocks):
-            x = self._self_attention(block, x, state.decoder_keys[i], state.decoder_values[i], position, None)
+            x = self._self_attention(block, x, state.decoder_keys[i], state.decoder_values[i], position,
+                                     decoder_mask)
             x = x + block.ls_2(block.mlp(block.ln_2(x)))
-            x = self._cross_attention(cross, x, *state.cross[i])
+            x = self._cross_attention(cross, x, state.cross_keys[i], state.cross_values[i])
             x = x + cross.ls_2(cross.mlp(cross.ln_2(x)))
         x = self.decoder.ln_final(x[:, 0])  # (N, W)
         if self.decoder.text_projection is not None:
             x = x @ self.decoder.text_projection
         return x.float()  # (N, V)
+
+    def compiled(self, device: torch.device) -> Callable[[DecodeState, torch.Tensor, torch.Tensor], torch.Tensor]:
+        """`step` compiled for `device` and, on a CPU, the current intra-op thread count, to be called with a
+        tensor position (1,). The first call at a new shape compiles (seconds to a minute); later calls at that
+        shape reuse it."""
+        key = (torch.device(device).type, torch.get_num_threads())
+        if key not in self._compiled:
+            options = {**_GUARDS, **(_CPU_OPTIONS if key[0] == "cpu" else {})}
+            self._compiled[key] = torch.compile(self.step, dynamic=False, options=options)
+        return self._compiled[key]

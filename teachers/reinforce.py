@@ -65,6 +65,7 @@ class ReinforceConfig:
     caption_max_len: int = 24  # tokens per synthetic caption, start and end included
     augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
     num_workers: int | None = None  # data workers per process (None: the cores per process less one; 0: in-process)
+    compile_captioners: bool = False  # decode with the torch.compile'd step (teachers.coca_decoding)
 
     def __post_init__(self):
         check_types(self)
@@ -288,7 +289,8 @@ def reinforce(data: str, teachers: Sequence[str], out_dir: str | Path, config: R
         if (out_dir / CONFIG_NAME).is_file():  # finished while this run waited to start
             raise UserInputError(f"{out_dir} is already a finished reinforced dataset (delete it to redo)")
         ensemble = load_ensemble(teachers, device=state.device)  # a bad spec fails before anything is written
-        caps = [load_captioner(parse_captioner(c)[0], device=state.device) for c in captioners]
+        caps = [load_captioner(parse_captioner(c)[0], device=state.device, compile=config.compile_captioners)
+                for c in captioners]
         signature = _run_signature(str(data), urls, teachers, captioners, config)
         run_file = out_dir / _RUN_NAME
         if state.is_main_process:
@@ -340,7 +342,8 @@ def reinforce(data: str, teachers: Sequence[str], out_dir: str | Path, config: R
                              for key, c in zip(set_keys, caps)],
             "num_augs": config.num_augs,
             "num_captions": config.num_captions,
-            "caption_sampling": {"top_p": config.top_p, "max_len": config.caption_max_len},
+            "caption_sampling": {"top_p": config.top_p, "max_len": config.caption_max_len,
+                                 "compiled": config.compile_captioners},
             "dtype": config.dtype,
             "seed": config.seed,
             "store_images": config.store_images,

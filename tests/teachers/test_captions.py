@@ -69,6 +69,18 @@ def test_captioner_tags_are_parsed_and_bad_ones_refused(tmp_path, tiny_model_dir
     assert not (tmp_path / "dr").exists()
 
 
+def test_reinforce_compile_decodes_with_the_compiled_step_and_records_it(tmp_path, tiny_model_dirs, capsys):
+    root = write_shapes_root(tmp_path / "shapes", per_pair=1, size=32, train_shards=2)
+    out = tmp_path / "dr"
+    assert main(["reinforce", "--data", str(root), "--teacher", str(tiny_model_dirs["teacher_a"]), "--captioner",
+                 str(tiny_model_dirs["captioner"]), "--num-augs", "1", "--num-captions", "2", "--aug-size", "32",
+                 "--num-workers", "0", "--compile", "--out", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["caption_sampling"]["compiled"] is True
+    samples = list(open_reinforced(out))
+    assert samples and all(len(s["syn_captions"]) == 2 and all(s["syn_captions"]) for s in samples)
+
+
 def _records(dataset: Path, captions: CaptionChoice, epoch: int = 0) -> list[dict]:
     info = read_info(dataset)
     return list(ReinforcedSource(info, None, 3, "random", captions=captions)(info.shards, epoch, SkipLog()))

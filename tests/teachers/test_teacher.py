@@ -154,6 +154,34 @@ def test_cached_logits_equal_open_clips_forward_at_every_step():
             torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
 
 
+def test_the_compiled_step_gives_open_clips_tokens_and_captions_free_of_the_batch(open_clip_generate):
+    """The torch.compile'd fixed-shape step (teachers.coca_decoding.CachedCoCa.compiled): greedy tokens still
+    open_clip's; its logits those of the eager step at every position; sampled captions the same in a batch of 3
+    as in a batch of 17, whose first group compiles the step and whose other two then run in parallel threads."""
+    torch.manual_seed(0)
+    captioner = Captioner(load_model("md-coca-tiny", warn_random=False), compile=True)
+    images = [draw_shape(color, shape, 64) for color in ("red", "blue", "green")
+              for shape in ("circle", "square", "triangle")]
+    pixels = torch.stack([captioner.preprocess(im) for im in images[:3]])
+    reference = open_clip_generate(captioner.model, pixels, seq_len=10, min_seq_len=5)
+    assert torch.equal(captioner.decode(pixels, 1, None, 0.0, 1.0, 10, 5), reference)
+
+    with torch.no_grad():
+        _, image_embs = captioner.model._encode_image(pixels)
+    decoder = captioner.decoder
+    eager, fixed = decoder.start(image_embs, 1, 10), decoder.start(image_embs, 1, 10)
+    for position in range(reference.shape[1]):
+        tokens = reference[:, position].contiguous()
+        torch.testing.assert_close(decoder.compiled(pixels.device)(fixed, tokens, torch.tensor([position])),
+                                   decoder.step(eager, tokens, position), rtol=1e-4, atol=1e-4)
+
+    images = images + images[:8]
+    seeds = list(range(100, 117))
+    alone = captioner.generate(images[:3], 1, seeds[:3], max_len=8)
+    together = captioner.generate(images, 1, seeds, max_len=8)
+    assert together[:3] == alone and len(set(map(tuple, together))) > 1
+
+
 @pytest.mark.parametrize("scale", [0.3, 3.0, 30.0])
 def test_the_nucleus_found_without_sorting_is_the_sorted_definitions(scale):
     """The smallest set of most probable tokens reaching top_p, ties broken by token id, for flat and peaked
