@@ -6,36 +6,25 @@ A batch-1 decoding step is one-row products (x (1, in) times a weight), so its s
 stream their weights. Timed, at the thread count given (default: torch's), over 40 distinct weights per shape so
 that none stays in cache, best of 5 passes after warm-ups:
 - `F.linear` eager: the BLAS call open_clip's layers make, weight (out, in);
-- compiled: the same `F.linear` under `torch.compile` with inductor's decompose_mm pass (the options
-  `teachers.coca_decoding` compiles its step with), which turns a one-row product into a fused multiply-and-sum;
+- compiled: the same `F.linear` under `torch.compile` with inductor's decompose_mm pass (which
+  `teachers.coca_decoding` turns on for its CPU step), making a one-row product a fused multiply-and-sum;
 - the vocabulary projection's layout, weight (in, out) = (W, 49408), as `x @ P`, eager and compiled;
 - the memory bandwidth: a sum over a 400 MB tensor.
 """
 
 import argparse
-import time
 
 import torch
 import torch.nn.functional as F
+from captioner import best_seconds  # bench/captioner.py, beside this script
 
 _OPTIONS = {"post_grad_fusion_options": {"decompose_mm_pass": {}}}
-
-
-def best_seconds(fn, repeats: int = 5) -> float:
-    fn()
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def rates(fn, x: torch.Tensor, size_gb: float) -> tuple[float, float]:
     """GB/s of `fn(x)` eager and under torch.compile with `_OPTIONS`."""
     compiled = torch.compile(fn, dynamic=False, options=_OPTIONS)
-    return size_gb / best_seconds(lambda: fn(x)), size_gb / best_seconds(lambda: compiled(x))
+    return size_gb / best_seconds(lambda: fn(x), 5), size_gb / best_seconds(lambda: compiled(x), 5)
 
 
 def main() -> None:
@@ -45,7 +34,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     big = torch.ones(100_000_000)
-    stream = big.numel() * 4 / best_seconds(big.sum) / 1e9
+    stream = big.numel() * 4 / best_seconds(big.sum, 5) / 1e9
     del big
     print(f"{torch.get_num_threads()} threads; a 400 MB sum streams at {stream:.1f} GB/s\n")
     print("| weight | layout | eager GB/s | compiled GB/s | compiled / eager |")

@@ -13,11 +13,11 @@ position k is masked when the token at k - 1 is the pad id (0, which is also a r
 when the token at k is; causal attention makes that mask cacheable.
 
 At one row per step the decoders are matrix-vector products, bound by reading each weight once per token, and the
-step is a few hundred small operators. `CachedCoCa.compiled()` gives the same step at a fixed shape (the position
-a tensor, attention over the whole cache with the later positions masked) through `torch.compile`: its operators
-fuse, and on a CPU a one-row linear layer becomes a fused multiply-and-sum that streams the weight at memory speed
-(inductor's decompose_mm pass; a one-row BLAS call reads it at a third of that). Compiled CPU kernels depend on
-the intra-op thread count, so there is one compiled step per device type and thread count.
+step is a few hundred small operators. `CachedCoCa.compiled(device)` gives the same step at one fixed shape (the
+position a tensor, attention over the whole cache with the later positions masked) through `torch.compile`: its
+operators fuse, and on a CPU a one-row linear layer becomes a fused multiply-and-sum loop that streams its weight
+two to three times as fast as a one-row BLAS call (inductor's decompose_mm pass; bench/matvec.py). Compiled CPU
+kernels depend on the intra-op thread count, so there is one compiled step per device type and thread count.
 """
 
 from collections.abc import Callable
