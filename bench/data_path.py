@@ -10,6 +10,8 @@ web photos as JPEG):
   2. the loader alone over that reinforced set (decode + replay the stored view + normalize, to 256 px, no model):
      samples/s with 2 workers over 0 (goal >= 1.8x).
   3. distill md-student-tiny at 64 px on it: steps/s with --num-workers 2 over 0 (goal >= 1.4x).
+  For 2 and 3 also the cores busy while timed (CPU seconds over wall seconds, of the process and of its workers):
+  on 2 cores a run doing W CPU-seconds of work a step cannot exceed 2 / W steps/s, which bounds the ratio.
   4. two processes (torchrun, one data worker each) distilling within one epoch of their shares: bytes each process
      read from the shards over the dataset's bytes (goal <= 0.55).
   5. an embeddings-only (DataCompDR-layout) version of 2000 and of 500 of the images: peak resident memory of
@@ -23,6 +25,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the command line sets 
 import argparse  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
+import re  # noqa: E402
 import resource  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
@@ -32,6 +35,7 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
+import psutil  # noqa: E402
 import torch  # noqa: E402
 import webdataset as wds  # noqa: E402
 from PIL import Image, ImageDraw, ImageFilter  # noqa: E402
@@ -93,18 +97,38 @@ def members(directory: Path) -> dict[str, bytes]:
     return out
 
 
-def loader_rate(dataset: Path, workers: int, batch: int, batches: int) -> float:
-    """Samples/s of the pipeline alone, from the first batch to the last (worker start-up excluded)."""
+def cpu_seconds(process: psutil.Process) -> tuple[float, float]:
+    """CPU seconds (user + system) used so far by `process` and by its live descendants (its data workers)."""
+    own, workers = process.cpu_times(), 0.0
+    for member in process.children(recursive=True):
+        try:
+            times = member.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        workers += times.user + times.system
+    return own.user + own.system, workers
+
+
+def busy_cores(first: tuple[float, float], last: tuple[float, float], wall: float) -> tuple[float, float]:
+    """Cores the process and its workers kept busy between two `cpu_seconds` samples `wall` seconds apart."""
+    return (last[0] - first[0]) / wall, (last[1] - first[1]) / wall
+
+
+def loader_rate(dataset: Path, workers: int, batch: int, batches: int) -> tuple[float, tuple[float, float]]:
+    """Samples/s of the pipeline alone, from the first batch to the last (worker start-up excluded), and the cores
+    the process and its workers kept busy meanwhile."""
     info = read_info(dataset)
     source = ReinforcedSource(info, None, seed=0, aug_sampling="random")
     examples = DistillExamples(info.augmentation, 256, (0.5,) * 3, (0.5,) * 3, seed=0, teacher_views=False)
     stream = ExampleStream(info.shards, source, examples, batch, 0, 256, num_workers=workers)
     loader = iter(make_loader(stream, workers, seed=0))
     next(loader)
-    start = time.perf_counter()
+    me = psutil.Process()
+    start, cpu = time.perf_counter(), cpu_seconds(me)
     for _ in range(batches):
         next(loader)
-    return batches * batch / (time.perf_counter() - start)
+    wall = time.perf_counter() - start
+    return batches * batch / wall, busy_cores(cpu, cpu_seconds(me), wall)
 
 
 def reinforce_input_rate(photos: Path, workers: int, num_augs: int) -> float:
@@ -142,6 +166,27 @@ def steps_per_second(run: Path, warmup: int) -> float:
     return (timed[-1]["step"] - timed[0]["step"]) / (timed[-1]["elapsed_s"] - timed[0]["elapsed_s"])
 
 
+def distill_run(argv: list[str], run: Path, warmup: int, steps: int) -> tuple[float, tuple[float, float]]:
+    """Steps/s of `mobiledistill distill argv` over its logged steps from `warmup` on, and the cores its process and
+    workers kept busy over the same steps: CPU seconds sampled as its progress bar reaches each step (the log is
+    written only at checkpoints)."""
+    errors_path = run.parent / f"{run.name}.stderr"
+    with open(errors_path, "w") as errors:
+        child = subprocess.Popen([sys.executable, "-m", "distill", *argv], cwd=REPO, stdout=subprocess.DEVNULL,
+                                 stderr=errors)
+    process, marks = psutil.Process(child.pid), {}
+    while child.poll() is None and steps not in marks:
+        counts = re.findall(rf"(\d+)/{steps} \[", errors_path.read_text(errors="replace"))
+        done = int(counts[-1]) if counts else 0
+        if done > warmup and done not in marks:
+            marks[done] = cpu_seconds(process), time.perf_counter()
+        time.sleep(0.02)
+    if child.wait():
+        raise SystemExit(f"distill {' '.join(argv)} failed: see {errors_path}")
+    (cpu0, wall0), (cpu1, wall1) = marks[min(marks)], marks[max(marks)]
+    return steps_per_second(run, warmup), busy_cores(cpu0, cpu1, wall1 - wall0)
+
+
 def cli(argv: list[str]) -> None:
     """`mobiledistill argv` in its own process (the timings include its start-up, as a user's run does)."""
     result = subprocess.run([sys.executable, "-m", "distill", *argv], cwd=REPO, capture_output=True, text=True)
@@ -160,6 +205,17 @@ def peak_rss_mb(argv: list[str]) -> float:
         raise SystemExit(f"{' '.join(argv)} failed: {result.stderr[-2000:]}")
     line = next(x for x in result.stdout.splitlines() if x.startswith("PEAK"))
     return int(line.split()[1]) / 1024
+
+
+def _busy(name: str, cores: dict[int, tuple[float, float]], unit: str, rates: dict[int, float]) -> str:
+    """A note on where a ratio stands against the two cores: the cores busy (the process, its workers), the CPU
+    time per unit, and the bound that 2 cores put on the ratio given the 2-worker run's own work (2 / W units/s
+    over the 0-worker rate)."""
+    work = {w: sum(cores[w]) / rates[w] for w in cores}  # CPU seconds per unit
+    bound = 2 / work[2] / rates[0]
+    return (f"{name}: busy cores {sum(cores[0]):.2f} with 0 workers; with 2, {sum(cores[2]):.2f} "
+            f"({cores[2][0]:.2f} the process, {cores[2][1]:.2f} its workers); CPU ms per {unit} {work[0] * 1e3:.1f} "
+            f"and {work[2] * 1e3:.1f}; 2 cores bound the ratio at {bound:.2f}")
 
 
 PARTS = ("reinforce", "loader", "distill", "processes", "join")
@@ -225,21 +281,26 @@ def main() -> None:
 
     if "loader" in parts:
         batch = 32
-        loader = {w: loader_rate(dr, w, batch, (2 * args.images) // batch) for w in (0, 2)}
-        results["loader"] = {"samples_per_s": loader, "ratio": loader[2] / loader[0]}
+        measured = {w: loader_rate(dr, w, batch, (2 * args.images) // batch) for w in (0, 2)}
+        loader, cores = {w: m[0] for w, m in measured.items()}, {w: m[1] for w, m in measured.items()}
+        results["loader"] = {"samples_per_s": loader, "ratio": loader[2] / loader[0], "busy_cores": cores}
         print(f"| loader alone to 256 px, samples/s | {loader[0]:.0f} | {loader[2]:.0f} | "
               f"{loader[2] / loader[0]:.2f} | >= 1.8 |", flush=True)
+        notes.append(_busy("loader", cores, "sample", loader))
 
     if "distill" in parts:
-        distill_rates = {}
+        distill_rates, cores = {}, {}
         for workers in (0, 2):
             run = out / f"distill-w{workers}"
-            cli(["distill", "--data", str(dr), "--out", str(run), "--steps", str(args.distill_steps), "--batch-size",
-                 "64", "--num-workers", str(workers), "log_every=1", "warmup_steps=2", "eval_split=none"])
-            distill_rates[workers] = steps_per_second(run, warmup=3)
-        results["distill"] = {"steps_per_s": distill_rates, "ratio": distill_rates[2] / distill_rates[0]}
+            distill_rates[workers], cores[workers] = distill_run(
+                ["distill", "--data", str(dr), "--out", str(run), "--steps", str(args.distill_steps), "--batch-size",
+                 "64", "--num-workers", str(workers), "log_every=1", "warmup_steps=2", "eval_split=none"],
+                run, warmup=3, steps=args.distill_steps)
+        results["distill"] = {"steps_per_s": distill_rates, "ratio": distill_rates[2] / distill_rates[0],
+                              "busy_cores": cores}
         print(f"| distill md-student-tiny 64 px, steps/s | {distill_rates[0]:.3f} | {distill_rates[2]:.3f} | "
               f"{distill_rates[2] / distill_rates[0]:.2f} | >= 1.4 |", flush=True)
+        notes.append(_busy("distill", cores, "step", distill_rates))
 
     print("\n" + "\n".join(notes) if notes else "", flush=True)
 
