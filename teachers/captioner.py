@@ -141,7 +141,12 @@ class Captioner(nn.Module):
         done = torch.zeros(n, dtype=torch.bool, device=device) if padding is None else padding.clone()
         for position in range(max_len - 1):
             at = torch.tensor([position], device=device) if self.compile else position
-            logits = step(state, last, at)  # (N, V)
+            try:
+                logits = step(state, last, at)  # (N, V)
+            except torch._dynamo.exc.BackendCompilerFailed as error:  # no C++ compiler or Triton, say
+                cause = str(error.inner_exception).strip().splitlines() or [type(error.inner_exception).__name__]
+                raise UserInputError(f"torch.compile could not build the captioner's decoding step ({cause[0][:200]});"
+                                     " run without --compile") from error
             length = position + 1  # tokens so far, the start token included
             if length < min_len:
                 logits[:, self.eot_id] = float("-inf")

@@ -182,6 +182,21 @@ def test_the_compiled_step_gives_open_clips_tokens_and_captions_free_of_the_batc
     assert together[:3] == alone and len(set(map(tuple, together))) > 1
 
 
+def test_a_step_that_cannot_be_compiled_is_one_line(monkeypatch):
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    from mdcore.errors import UserInputError
+
+    captioner = Captioner(load_model("md-coca-tiny", warn_random=False), compile=True)
+
+    def fails(*args):
+        raise BackendCompilerFailed(fails, RuntimeError("C++ compile error\ng++: not found"), None)
+
+    monkeypatch.setattr(captioner.decoder, "compiled", lambda device: fails)
+    with pytest.raises(UserInputError, match=r"could not build .*\(C\+\+ compile error\); run without --compile"):
+        captioner.generate([draw_shape("red", "circle", 64)], 1, [0], max_len=6)
+
+
 @pytest.mark.parametrize("scale", [0.3, 3.0, 30.0])
 def test_the_nucleus_found_without_sorting_is_the_sorted_definitions(scale):
     """The smallest set of most probable tokens reaching top_p, ties broken by token id, for flat and peaked
