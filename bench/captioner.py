@@ -95,8 +95,8 @@ def main() -> None:
         size = size[0] if isinstance(size, (list, tuple)) else size
         floor = bytes_per_step(captioner.model) / bandwidth / 1e9  # seconds per batch-1 step
 
-        def ours(pixels, compile: bool, c=captioner):
-            c.compile = compile
+        def ours(pixels, compiled: bool, c=captioner):
+            c.compile_step = compiled
             return c.decode(pixels, 1, None, 0.0, 1.0, SEQ_LEN, MIN_SEQ_LEN)
 
         for batch in (1, 16):
@@ -115,15 +115,15 @@ def main() -> None:
                   f"{slow / fast:.1f}x | {slow / compiled:.1f}x | {bound} | {same} | {compile_s:.0f} |", flush=True)
         images = [torch.rand(3, size, size) for _ in range(16)]
         pixels = torch.stack(images)
-        for compile in (False, True):
-            captioner.compile = compile
+        for compiled in (False, True):
+            captioner.compile_step = compiled
             seconds = best_seconds(lambda p=pixels, c=captioner: c.generate(p, 5, list(range(16)), top_p=0.9,
                                                                              max_len=SEQ_LEN, min_len=MIN_SEQ_LEN),
                                    args.repeats)
-            public[arch, compile] = 16 * 5 * (SEQ_LEN - 1) / seconds
+            public[arch, compiled] = 16 * 5 * (SEQ_LEN - 1) / seconds
     print()
-    for (arch, compile), rate in public.items():
-        print(f"`Captioner.generate`{' compiled' if compile else ''}, {arch}, 16 images x 5 sampled captions: "
+    for (arch, compiled), rate in public.items():
+        print(f"`Captioner.generate`{' compiled' if compiled else ''}, {arch}, 16 images x 5 sampled captions: "
               f"{rate:.0f} tokens/s")
 
 

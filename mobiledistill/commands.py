@@ -145,7 +145,7 @@ def _add_to(args: argparse.Namespace) -> int:
     result = extend_reinforced(args.add_to, captioner=(args.captioner or [None])[0],
                                teacher=(args.teacher or [None])[0], num_captions=args.num_captions,
                                images=args.images, batch_size=max(1, args.batch_size // max(1, args.num_captions)),
-                               compile=args.compile)
+                               compile_step=args.compile)
     added = result["extensions"][-1]
     print(f"extended {args.add_to}: added {added['op']} {added['spec']} in {added['wall_s']} s "
           f"({len(result['teachers'])} teachers, caption sets: "

@@ -28,7 +28,7 @@ GROUP = 8  # images per decoding forward pass (with their captions)
 class Captioner(nn.Module):
     """A frozen CoCa model that generates captions."""
 
-    def __init__(self, loaded: LoadedModel, compile: bool = False):
+    def __init__(self, loaded: LoadedModel, compile_step: bool = False):
         super().__init__()
         if not loaded.is_coca:
             raise UserInputError(f"{loaded.spec} is not a captioner: expected an open_clip CoCa model")
@@ -40,7 +40,7 @@ class Captioner(nn.Module):
         self.sot_id = getattr(self.tokenizer, "sot_token_id", _SOT_DEFAULT)
         self.eot_id = getattr(self.tokenizer, "eot_token_id", _EOT_DEFAULT)
         self.decoder = CachedCoCa(self.model)
-        self.compile = compile  # decode with the torch.compile'd fixed-shape step (CachedCoCa.compiled)
+        self.compile_step = compile_step  # decode with the torch.compile'd fixed-shape step (CachedCoCa.compiled)
         self._compiled_shapes: set[tuple] = set()  # (rows, max_len, dtype) the one-thread step was compiled for
         super().train(False)
 
@@ -69,7 +69,7 @@ class Captioner(nn.Module):
         `max_len` and `min_len` count tokens as open_clip's `generate` counts `seq_len` and `min_seq_len` (start
         and end tokens included; the end token is refused before `min_len`), and greedy decoding gives the tokens
         of open_clip's `generate(generation_type="top_k", top_k=1)`. Decoding is key-value cached
-        (`teachers.coca_decoding`), each image encoded once for all its captions; with `compile` the step is
+        (`teachers.coca_decoding`), each image encoded once for all its captions; with `compile_step` the step is
         torch.compile'd, whose kernels round differently, so sampled captions are then those of the compiled
         decoder (still independent of the batch and the processes).
 
@@ -116,7 +116,7 @@ class Captioner(nn.Module):
         # is compiled by the first group alone, before the others run beside each other.
         with torch_threads(1) as workers, ThreadPoolExecutor(workers) as pool:
             shape = (GROUP * num_captions, max_len, pixels.dtype)
-            first = caption_group(0) if self.compile and starts and shape not in self._compiled_shapes else []
+            first = caption_group(0) if self.compile_step and starts and shape not in self._compiled_shapes else []
             self._compiled_shapes.add(shape)
             return first + [c for group in pool.map(caption_group, starts[1 if first else 0:]) for c in group]
 
@@ -132,7 +132,7 @@ class Captioner(nn.Module):
         _, image_embs = model._encode_image(pixels)  # (G, T, W): each image once, for all its rows
         decoder = self.decoder
         state = decoder.start(image_embs, rows_per_image, max_len)
-        step = decoder.compiled(pixels.device) if self.compile else decoder.step
+        step = decoder.compiled(pixels.device) if self.compile_step else decoder.step
         n = len(pixels) * rows_per_image
         device = pixels.device
         pad = model.pad_id
@@ -140,7 +140,7 @@ class Captioner(nn.Module):
         tokens = [last]
         done = torch.zeros(n, dtype=torch.bool, device=device) if padding is None else padding.clone()
         for position in range(max_len - 1):
-            at = torch.tensor([position], device=device) if self.compile else position
+            at = torch.tensor([position], device=device) if self.compile_step else position
             try:
                 logits = step(state, last, at)  # (N, V)
             except torch._dynamo.exc.BackendCompilerFailed as error:  # no C++ compiler or Triton, say
@@ -246,5 +246,6 @@ def _sample_top_p(logits: torch.Tensor, top_p: float, generators: list[torch.Gen
     return torch.stack(tokens)
 
 
-def load_captioner(spec: str | ModelSpec, device: str | torch.device = "cpu", compile: bool = False) -> Captioner:
-    return Captioner(load_model(spec, device=device), compile=compile)
+def load_captioner(spec: str | ModelSpec, device: str | torch.device = "cpu",
+                   compile_step: bool = False) -> Captioner:
+    return Captioner(load_model(spec, device=device), compile_step=compile_step)

@@ -75,7 +75,7 @@ class _Extension:
     """What one `--add-to` run adds to each sample of a shard."""
 
     def __init__(self, config: dict[str, Any], info, device, captioner_spec: str | None, teacher_spec: str | None,
-                 num_captions: int, compile: bool = False):
+                 num_captions: int, compile_step: bool = False):
         self.config, self.info, self.dtype = config, info, config["dtype"]
         self.dims = [int(t["dim"]) for t in config["teachers"]]
         self.seed = int(config["seed"])
@@ -89,7 +89,7 @@ class _Extension:
             self.key = caption_set_key(tag)
             if self.key in existing:
                 raise UserInputError(f"caption set {self.key} is already in the dataset: pick another tag")
-            self.captioner = load_captioner(spec, device=device, compile=compile)
+            self.captioner = load_captioner(spec, device=device, compile_step=compile_step)
             self.ensemble = load_ensemble([t["spec"] for t in config["teachers"]], device=device)
             self.teacher = None
         else:
@@ -103,7 +103,7 @@ class _Extension:
     def signature(self) -> dict[str, Any]:
         if self.captioner is not None:
             return {"op": "captioner", "spec": str(self.captioner.spec), "key": self.key,
-                    "captions": self.num_captions, "compiled": self.captioner.compile}
+                    "captions": self.num_captions, "compiled": self.captioner.compile_step}
         return {"op": "teacher", "spec": str(self.teacher.spec)}
 
     def done(self, raw: dict[str, Any]) -> bool:
@@ -208,7 +208,7 @@ def _write_extended(shard: Path, image_shard: str | None, extension: _Extension,
 
 def extend_reinforced(dataset: str | Path, captioner: str | None = None, teacher: str | None = None,
                       num_captions: int = 5, images: str | None = None, batch_size: int = 64,
-                      progress: bool = True, compile: bool = False) -> dict[str, Any]:
+                      progress: bool = True, compile_step: bool = False) -> dict[str, Any]:
     """Add `captioner`'s captions (`SPEC:TAG`) or `teacher`'s embeddings to the finished reinforced dataset
     `dataset` (see the module docstring); returns its updated config.json."""
     if (captioner is None) == (teacher is None):
@@ -229,7 +229,7 @@ def extend_reinforced(dataset: str | Path, captioner: str | None = None, teacher
         run_file = root / EXTEND_RUN
         pending = read_json_file(run_file) if run_file.is_file() else None
         info = read_info(root, allow_extending=True)
-        extension = _Extension(config, info, state.device, captioner, teacher, num_captions, compile)
+        extension = _Extension(config, info, state.device, captioner, teacher, num_captions, compile_step)
         if pending is not None and pending != extension.signature():
             raise UserInputError(f"{root} is being extended by another --add-to ({pending.get('op')} "
                                  f"{pending.get('spec')}): run that one again to finish it first")

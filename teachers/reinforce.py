@@ -289,7 +289,8 @@ def reinforce(data: str, teachers: Sequence[str], out_dir: str | Path, config: R
         if (out_dir / CONFIG_NAME).is_file():  # finished while this run waited to start
             raise UserInputError(f"{out_dir} is already a finished reinforced dataset (delete it to redo)")
         ensemble = load_ensemble(teachers, device=state.device)  # a bad spec fails before anything is written
-        caps = [load_captioner(parse_captioner(c)[0], device=state.device, compile=config.compile_captioners)
+        caps = [load_captioner(parse_captioner(c)[0], device=state.device,
+                               compile_step=config.compile_captioners)
                 for c in captioners]
         signature = _run_signature(str(data), urls, teachers, captioners, config)
         run_file = out_dir / _RUN_NAME

@@ -159,7 +159,7 @@ def test_the_compiled_step_gives_open_clips_tokens_and_captions_free_of_the_batc
     open_clip's; its logits those of the eager step at every position; sampled captions the same in a batch of 3
     as in a batch of 17, whose first group compiles the step and whose other two then run in parallel threads."""
     torch.manual_seed(0)
-    captioner = Captioner(load_model("md-coca-tiny", warn_random=False), compile=True)
+    captioner = Captioner(load_model("md-coca-tiny", warn_random=False), compile_step=True)
     images = [draw_shape(color, shape, 64) for color in ("red", "blue", "green")
               for shape in ("circle", "square", "triangle")]
     pixels = torch.stack([captioner.preprocess(im) for im in images[:3]])
@@ -187,7 +187,7 @@ def test_a_step_that_cannot_be_compiled_is_one_line(monkeypatch):
 
     from mdcore.errors import UserInputError
 
-    captioner = Captioner(load_model("md-coca-tiny", warn_random=False), compile=True)
+    captioner = Captioner(load_model("md-coca-tiny", warn_random=False), compile_step=True)
 
     def fails(*args):
         raise BackendCompilerFailed(fails, RuntimeError("C++ compile error\ng++: not found"), None)
