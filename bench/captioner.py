@@ -1,7 +1,7 @@
 """Captioning speed: the key-value-cached decoder, eager and torch.compile'd, against open_clip's own uncached
 `CoCa.generate`, one run.
 
-    python bench/captioner.py [--repeats 3]
+    python bench/captioner.py [--repeats 3] [--batch-sizes 1,16] [--no-generate]
 
 Same model (random weights), same images, 24-token captions (min_seq_len 23, so every caption is 24 tokens long and
 both decoders do the same work), greedy decoding (all give the same tokens), batch 1 and batch 16, for md-coca-tiny
@@ -11,7 +11,9 @@ least 5x (10x hoped for) everywhere.
 
 At batch 1 a cached step reads every decoder weight once for one token, so it cannot take less than the time to
 stream those bytes: `floor` is that time at the bandwidth measured here (a sum over a 400 MB tensor), and
-`uncached / floor` the most any cached decoder can gain over open_clip's at batch 1 on this machine.
+`uncached / floor` the most any cached decoder can gain over open_clip's at batch 1 on this machine. Every decoder
+also encodes the images once per call, which the tokens/s include; `image encoding ms` times that alone, and the
+last column is the compiled ratio with it taken out of both calls.
 
 Also timed: `Captioner.generate`, the public entry point (groups of 8 images decoded in parallel threads at a fixed
 shape, for captions that do not depend on the batch), at batch 16 with 5 sampled captions per image.
@@ -79,14 +81,17 @@ def bytes_per_step(model: torch.nn.Module) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch-sizes", default="1,16", help="comma-separated batch sizes to time")
+    parser.add_argument("--no-generate", action="store_true", help="skip timing Captioner.generate")
     args = parser.parse_args()
     uncached = open_clip_generate()
     bandwidth = stream_gb_per_s()
     print(f"{torch.get_num_threads()} threads; greedy, {SEQ_LEN}-token captions; memory streams at "
           f"{bandwidth:.1f} GB/s\n")
     print("| model | batch | uncached (open_clip) tokens/s | cached tokens/s | compiled tokens/s | cached / uncached "
-          "| compiled / uncached | floor ms/token | uncached / floor | same tokens | first compiled call s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| compiled / uncached | floor ms/token | uncached / floor | same tokens | first compiled call s "
+          "| image encoding ms | compiled / uncached, encoding taken out |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     public = {}
     for arch in ("md-coca-tiny", "coca_ViT-B-32"):
         torch.manual_seed(0)
@@ -99,7 +104,7 @@ def main() -> None:
             c.compile_step = compiled
             return c.decode(pixels, 1, None, 0.0, 1.0, SEQ_LEN, MIN_SEQ_LEN)
 
-        for batch in (1, 16):
+        for batch in (int(b) for b in args.batch_sizes.split(",")):
             pixels = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(batch))
             theirs = uncached(captioner.model, pixels)
             start = time.perf_counter()
@@ -110,9 +115,14 @@ def main() -> None:
             slow = best_seconds(lambda p=pixels, c=captioner: uncached(c.model, p), args.repeats)
             fast = best_seconds(lambda p=pixels: ours(p, False), args.repeats)
             compiled = best_seconds(lambda p=pixels: ours(p, True), args.repeats)
+            with torch.no_grad():  # the image tower's share, the same in every decoder
+                encode = best_seconds(lambda p=pixels, c=captioner: c.model._encode_image(p), args.repeats)
             bound = f"{floor * 1e3:.2f} | {slow / (SEQ_LEN - 1) / floor:.1f}x" if batch == 1 else "- | -"
             print(f"| {arch} | {batch} | {tokens / slow:.0f} | {tokens / fast:.0f} | {tokens / compiled:.0f} | "
-                  f"{slow / fast:.1f}x | {slow / compiled:.1f}x | {bound} | {same} | {compile_s:.0f} |", flush=True)
+                  f"{slow / fast:.1f}x | {slow / compiled:.1f}x | {bound} | {same} | {compile_s:.0f} | "
+                  f"{encode * 1e3:.1f} | {(slow - encode) / (compiled - encode):.1f}x |", flush=True)
+        if args.no_generate:
+            continue
         images = [torch.rand(3, size, size) for _ in range(16)]
         pixels = torch.stack(images)
         for compiled in (False, True):
