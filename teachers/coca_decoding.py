@@ -140,19 +140,21 @@ class CachedCoCa:
         """Feed `tokens` (N,) at `position` (an int, or a long tensor (1,) for the fixed-shape step); returns the
         logits (N, vocabulary) of the token after it."""
         text = self.text
-        fixed = not isinstance(position, int)
-        at = position if fixed else torch.tensor([position], device=tokens.device)
-        x = text.token_embedding(tokens)[:, None] + text.positional_embedding.index_select(0, at)  # (N, 1, W)
-        x = x.to(state.text_keys.dtype)
         looked_at = state.previous if self.legacy_mask else tokens
         now = looked_at != self.pad_id
         if self.legacy_mask:
-            now = now | (at == 0)
-        state.text_valid.index_copy_(1, at, now[:, None])
+            now = now | (position == 0)
+        if isinstance(position, int):  # the attention reads the cache up to `position`: no causal mask needed
+            embedded = text.positional_embedding[position]
+            state.text_valid[:, position] = now
+            text_mask, decoder_mask = state.text_valid[:, None, None], None  # (N, 1, 1, max_len)
+        else:  # one shape for every position: the later ones are masked
+            embedded = text.positional_embedding.index_select(0, position)
+            state.text_valid.index_copy_(1, position, now[:, None])
+            causal = torch.arange(state.text_valid.shape[1], device=tokens.device) <= position  # (max_len,)
+            text_mask, decoder_mask = (state.text_valid & causal)[:, None, None], causal[None, None, None]
         state.previous.copy_(tokens)
-        causal = torch.arange(state.text_valid.shape[1], device=tokens.device) <= at  # (max_len,)
-        text_mask = (state.text_valid & causal)[:, None, None]  # (N, 1, 1, max_len)
-        decoder_mask = causal[None, None, None] if fixed else None
+        x = (text.token_embedding(tokens)[:, None] + embedded).to(state.text_keys.dtype)  # (N, 1, W)
         for i, block in enumerate(self.text_blocks):
             x = self._self_attention(block, x, state.text_keys[i], state.text_values[i], position, text_mask)
             x = x + block.ls_2(block.mlp(block.ln_2(x)))
