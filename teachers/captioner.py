@@ -117,7 +117,8 @@ class Captioner(nn.Module):
         with torch_threads(1) as workers, ThreadPoolExecutor(workers) as pool:
             shape = (GROUP * num_captions, max_len, pixels.dtype)
             first = caption_group(0) if self.compile_step and starts and shape not in self._compiled_shapes else []
-            self._compiled_shapes.add(shape)
+            if self.compile_step:
+                self._compiled_shapes.add(shape)
             return first + [c for group in pool.map(caption_group, starts[1 if first else 0:]) for c in group]
 
     @torch.no_grad()
