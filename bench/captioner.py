@@ -74,7 +74,8 @@ def bytes_per_step(model: torch.nn.Module) -> int:
                 continue
             total += weight.numel() * weight.element_size()
     for block in model.text_decoder.cross_attn:
-        total -= block.attn.in_proj_weight[block.attn.embed_dim:].numel() * 4
+        kv = block.attn.in_proj_weight[block.attn.embed_dim:]
+        total -= kv.numel() * kv.element_size()
     return total
 
 
