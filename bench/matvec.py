@@ -16,9 +16,11 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-from captioner import best_seconds  # bench/captioner.py, beside this script
+from captioner import best_seconds  # bench/captioner.py, beside this script (it puts the repository on the path)
 
-_OPTIONS = {"post_grad_fusion_options": {"decompose_mm_pass": {}}}
+from teachers.coca_decoding import _CPU_OPTIONS
+
+_OPTIONS = {"post_grad_fusion_options": _CPU_OPTIONS["post_grad_fusion_options"]}  # the decoder's decomposition
 
 
 def rates(fn, x: torch.Tensor, size_gb: float) -> tuple[float, float]:
