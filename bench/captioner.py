@@ -10,8 +10,9 @@ warm-up call; the first compiled call, which compiles the step, is timed on its 
 least 5x (10x hoped for) everywhere.
 
 At batch 1 a cached step reads every decoder weight once for one token, so it cannot take less than the time to
-stream those bytes: `floor` is that time at the bandwidth measured here (a sum over a 400 MB tensor), and
-`uncached / floor` the most any cached decoder can gain over open_clip's at batch 1 on this machine. Every decoder
+stream those bytes: `floor` is that time at the rate this machine streams a tensor of the same size (summed again
+and again, so weights that fit in the cache are read from it, as the step reads them), and `uncached / floor` the
+most any cached decoder can gain over open_clip's at batch 1 on this machine. Every decoder
 also encodes the images once per call, which the tokens/s include; `image encoding ms` times that alone, and the
 last column is the compiled ratio with it taken out of both calls.
 
@@ -57,9 +58,10 @@ def best_seconds(fn, repeats: int) -> float:
     return min(times)
 
 
-def stream_gb_per_s() -> float:
-    """Memory bandwidth as this machine's intra-op threads stream a 400 MB tensor (best of 5 sums)."""
-    data = torch.ones(100_000_000)
+def stream_gb_per_s(size: int = 400_000_000) -> float:
+    """The rate at which this machine's intra-op threads read a float32 tensor of `size` bytes, summed again and
+    again (best of 5 sums after a warm-up): memory bandwidth for a large one, the cache's for one that fits."""
+    data = torch.ones(size // 4)
     return data.numel() * 4 / best_seconds(data.sum, 5) / 1e9
 
 
@@ -87,19 +89,23 @@ def main() -> None:
     args = parser.parse_args()
     uncached = open_clip_generate()
     bandwidth = stream_gb_per_s()
-    print(f"{torch.get_num_threads()} threads; greedy, {SEQ_LEN}-token captions; memory streams at "
+    print(f"{torch.get_num_threads()} threads; greedy, {SEQ_LEN}-token captions; a 400 MB tensor streams at "
           f"{bandwidth:.1f} GB/s\n")
     print("| model | batch | uncached (open_clip) tokens/s | cached tokens/s | compiled tokens/s | cached / uncached "
           "| compiled / uncached | floor ms/token | uncached / floor | same tokens | first compiled call s "
           "| image encoding ms | compiled / uncached, encoding taken out |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    public = {}
+    public, notes = {}, []  # notes are printed below the table, which they would break
     for arch in ("md-coca-tiny", "coca_ViT-B-32"):
         torch.manual_seed(0)
         captioner = Captioner(load_model(arch, warn_random=False))
         size = captioner.preprocess.transforms[0].size
         size = size[0] if isinstance(size, (list, tuple)) else size
-        floor = bytes_per_step(captioner.model) / bandwidth / 1e9  # seconds per batch-1 step
+        step_bytes = bytes_per_step(captioner.model)
+        step_rate = stream_gb_per_s(step_bytes)
+        floor = step_bytes / step_rate / 1e9  # seconds per batch-1 step
+        notes.append(f"{arch}: a batch-1 step reads {step_bytes / 1e6:.0f} MB of weights; a tensor that size "
+                     f"streams at {step_rate:.1f} GB/s")
 
         def ours(pixels, compiled: bool, c=captioner):
             c.compile_step = compiled
@@ -133,6 +139,8 @@ def main() -> None:
                                    args.repeats)
             public[arch, compiled] = 16 * 5 * (SEQ_LEN - 1) / seconds
     print()
+    for note in notes:
+        print(note)
     for (arch, compiled), rate in public.items():
         print(f"`Captioner.generate`{' compiled' if compiled else ''}, {arch}, 16 images x 5 sampled captions: "
               f"{rate:.0f} tokens/s")
