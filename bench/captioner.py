@@ -12,10 +12,10 @@ least 5x (10x hoped for) everywhere.
 At batch 1 a cached step reads every decoder weight once for one token, so it cannot take less than the time to
 stream those bytes: `floor` is that time at the rate this machine streams a tensor of the same size (summed again
 and again, so weights that fit in the cache are read from it, as the step reads them), and `uncached / floor` the
-most any cached decoder can gain over open_clip's per token at batch 1 on this machine; `whole-call bound` adds
-the image encoding, which every call does once: open_clip's call over encoding plus one floor per token. Every decoder
-also encodes the images once per call, which the tokens/s include; `image encoding ms` times that alone, and the
-last column is the compiled ratio with it taken out of both calls.
+most any cached decoder can gain over open_clip's per token at batch 1 on this machine. Every decoder also encodes
+the images once per call, which the tokens/s include; `image encoding ms` times that alone, `compiled / uncached,
+encoding taken out` is the compiled ratio with it taken out of both calls, and `whole-call bound` the most any
+cached decoder can gain on a whole batch-1 call: open_clip's call over the encoding plus one floor per token.
 
 Also timed: `Captioner.generate`, the public entry point (groups of 8 images decoded in parallel threads at a fixed
 shape, for captions that do not depend on the batch), at batch 16 with 5 sampled captions per image.
@@ -126,7 +126,6 @@ def main() -> None:
             with torch.no_grad():  # the image tower's share, the same in every decoder
                 encode = best_seconds(lambda p=pixels, c=captioner: c.model._encode_image(p), args.repeats)
             bound = f"{floor * 1e3:.2f} | {slow / (SEQ_LEN - 1) / floor:.1f}x" if batch == 1 else "- | -"
-            # a call also encodes its images, in every decoder: the most a cached one can gain on the whole call
             whole = f"{slow / (encode + (SEQ_LEN - 1) * floor):.1f}x" if batch == 1 else "-"
             print(f"| {arch} | {batch} | {tokens / slow:.0f} | {tokens / fast:.0f} | {tokens / compiled:.0f} | "
                   f"{slow / fast:.1f}x | {slow / compiled:.1f}x | {bound} | {same} | {compile_s:.0f} | "
